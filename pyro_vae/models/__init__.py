@@ -1,0 +1,1 @@
+"""Tractable latent-variable models whose log p(x) and posterior are exact."""
