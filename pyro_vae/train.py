@@ -1,0 +1,114 @@
+"""The SVI training loop: minibatch Adam on a Pyro objective, per-epoch evaluation, early stopping
+on the validation ELBO, and an atomic checkpoint of the best epoch.
+
+One step is ``objective.differentiable_loss(vae.model, vae.guide, x, num_data=N) / N`` followed by
+a torch optimizer step over ``vae.parameters()``: the same loss and gradients as
+``pyro.infer.SVI(vae.model, vae.guide, Adam, objective).step`` (tests/test_train.py checks it) with
+one optimizer for all parameters instead of Pyro's one per parameter. Dividing by N makes the loss
+the negative mean per-point ELBO, so learning rates do not depend on the dataset size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import VAL_BINARIZATION_SEED, Splits, binarize_fixed
+
+TRAIN_EVAL_BINARIZATION_SEED = 2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    batch_size: int = 100
+    lr: float = 1e-3
+    early_stopping: bool = True
+    patience: int = 20  # epochs without a better validation ELBO before stopping
+    eval_batch_size: int = 1000
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_elbo: float
+    epochs_run: int
+    stopped_early: bool
+    history: List[Dict[str, float]] = field(default_factory=list)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@torch.no_grad()
+def evaluate_elbo(vae, x: torch.Tensor, batch_size: int = 1000) -> Dict[str, float]:
+    """Mean per-point ELBO and its two terms, E_q[log p(x|z)] and KL(q(z|x) || p(z)), in nats."""
+    log_lik, kl = map(torch.cat, zip(*(vae.elbo_terms(b) for b in x.split(batch_size))))
+    return {"elbo": (log_lik - kl).mean().item(), "log_lik": log_lik.mean().item(), "kl": kl.mean().item()}
+
+
+def fit(vae, splits: Splits, objective, cfg: TrainConfig, run_dir: str, seed: int = 0,
+        log: Optional[Callable[[Dict[str, float]], None]] = None, progress: bool = True,
+        checkpoint_meta: Optional[dict] = None) -> FitResult:
+    """Train ``vae`` on ``splits.train_x``; keep the parameters of the best validation epoch."""
+    torch.manual_seed(seed)
+    lik, device = vae.likelihood, next(vae.parameters()).device
+    for what, data in (("train", splits.train_x), ("validation", splits.val_x)):
+        lik.check_data(data, f"{splits.name} {what} data")
+    fixed = (lambda x, s: binarize_fixed(x, s)) if lik.binarize else (lambda x, s: x)  # noqa: E731
+    train_x = splits.train_x.to(device)
+    n = len(train_x)
+    val_x = fixed(splits.val_x, VAL_BINARIZATION_SEED).to(device)
+    train_eval_x = fixed(splits.train_x[: max(len(val_x), 500)], TRAIN_EVAL_BINARIZATION_SEED).to(device)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    result = FitResult(0, -math.inf, 0, False)
+    bad_epochs = 0
+    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress)
+    # The data were checked once above; per-step distribution validation would re-check them.
+    with pyro.validation_enabled(False):
+        for epoch in bar:
+            vae.train()
+            total = 0.0
+            for step, idx in enumerate(torch.randperm(n, device=device).split(cfg.batch_size)):
+                x = torch.bernoulli(train_x[idx]) if lik.binarize else train_x[idx]
+                loss = objective.differentiable_loss(vae.model, vae.guide, x, num_data=n) / n
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the loss became {loss.item()} at epoch {epoch}, step {step}; training stopped "
+                        f"and {checkpoint} (epoch {result.best_epoch}) is intact; try a lower train.lr"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total -= loss.item() * len(idx)
+            vae.eval()
+            record = {"epoch": epoch, "train_objective": total / n}
+            record.update({f"train_{k}": v for k, v in evaluate_elbo(vae, train_eval_x, cfg.eval_batch_size).items()})
+            if len(val_x):
+                record.update({f"val_{k}": v for k, v in evaluate_elbo(vae, val_x, cfg.eval_batch_size).items()})
+            result.history.append(record)
+            result.epochs_run = epoch
+            if log is not None:
+                log(record)
+            score = record.get("val_elbo", record["train_elbo"])  # no validation set: select on train
+            bar.set_postfix(train_elbo=f"{record['train_elbo']:.2f}", val_elbo=f"{score:.2f}")
+            if score > result.best_val_elbo:
+                result.best_epoch, result.best_val_elbo, bad_epochs = epoch, score, 0
+                save_checkpoint(checkpoint, vae.state_dict(), epoch=epoch, val_elbo=score,
+                                **(checkpoint_meta or {}))
+            else:
+                bad_epochs += 1
+                if cfg.early_stopping and bad_epochs >= cfg.patience:
+                    result.stopped_early = True
+                    break
+    vae.load_state_dict(load_checkpoint(checkpoint, map_location=device)[0])
+    return result
