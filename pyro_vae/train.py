@@ -6,6 +6,7 @@ a torch optimizer step over ``vae.parameters()``: the same loss and gradients as
 ``pyro.infer.SVI(vae.model, vae.guide, Adam, objective).step`` (tests/test_train.py checks it) with
 one optimizer for all parameters instead of Pyro's one per parameter. Dividing by N makes the loss
 the negative mean per-point ELBO, so learning rates do not depend on the dataset size.
+An objective with an ``on_epoch(epoch)`` method is told each epoch (1, 2, ...) before it starts.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def fit(vae, splits: Splits, objective, cfg: TrainConfig, run_dir: str, seed: in
     with pyro.validation_enabled(False):
         for epoch in bar:
             vae.train()
+            if hasattr(objective, "on_epoch"):  # schedules such as a KL warm-up
+                objective.on_epoch(epoch)
             total = 0.0
             for step, idx in enumerate(torch.randperm(n, device=device).split(cfg.batch_size)):
                 x = torch.bernoulli(train_x[idx]) if lik.binarize else train_x[idx]
