@@ -245,7 +245,8 @@ class _Plan:
     @classmethod
     def inspect(cls, model, guide, x0, data_plate, args, kwargs) -> "_Plan":
         try:
-            guide_tr, model_tr = _traces(model, guide, x0, args, kwargs)
+            with torch.random.fork_rng(devices=[]):  # the dry run leaves the random stream untouched
+                guide_tr, model_tr = _traces(model, guide, x0, args, kwargs)
         except (ValueError, RuntimeError, IndexError, TypeError) as e:
             first_line = (str(e).strip().splitlines() or [""])[0]
             raise ValueError(f"model/guide failed on x of shape {tuple(x0.shape)} ({type(e).__name__}: "
