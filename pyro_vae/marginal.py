@@ -413,6 +413,9 @@ class _Stream:
                 "elbo_stderr": (var.clamp(min=0) / K).sqrt(), "ess": ess, "pareto_k": pareto_k}
 
 
+_CONSTANT = 1e-6  # log-weight spread below which the largest weights count as equal
+
+
 def _tail_size(K: int) -> int:
     """M = ceil(min(K/5, 3√K)), the number of largest weights PSIS fits (as pyro's psis_diagnostic)."""
     return int(math.ceil(min(0.2 * K, 3.0 * math.sqrt(K))))
@@ -424,8 +427,12 @@ def pareto_k_hat(log_weights: torch.Tensor, num_samples: int | None = None, row_
     Follows ``pyro.infer.importance.psis_diagnostic``, vectorized over rows: with the log weights
     shifted so their maximum is 0, the cutoff u is the (M+1)-th largest (floored at log 1e-15), the
     tail is the weights above it, and the fit (Zhang & Stephens, 2009, as in
-    ``pyro.ops.stats.fit_generalized_pareto``) is applied to exp(tail) − exp(u). Rows with fewer
-    than 10 tail weights above the cutoff (K < 50, or numerically constant weights) give NaN.
+    ``pyro.ops.stats.fit_generalized_pareto``) is applied to exp(tail) − exp(u).
+    Special values: NaN when K < 50 (too few tail weights to fit); +inf when fewer than 10 of the
+    M largest weights are within 1e15 of the largest (one weight dominates: pyro also says inf);
+    −inf when the M + 1 largest weights agree within 1e-6 relative, or fewer than 10 of them
+    exceed the cutoff because of ties (bounded weights, e.g. the exact posterior as guide, or a
+    discrete latent with few values).
 
     :param log_weights: (N, L) log weights; only the M + 1 largest of each row are used, so L may be
         that many (the rest of the K samples dropped) when ``num_samples`` = K is given.
@@ -434,15 +441,20 @@ def pareto_k_hat(log_weights: torch.Tensor, num_samples: int | None = None, row_
     M = _tail_size(K)
     top = log_weights.double().topk(min(M + 1, log_weights.shape[-1]), dim=-1).values
     result = torch.full(top.shape[:1], math.nan, dtype=torch.float64)
-    if top.shape[-1] < M + 1:
+    if top.shape[-1] < M + 1 or M < 10:
         return result
     top = top - top[:, :1]
     cutoff = top[:, M].clamp(min=math.log(1e-15))
     counts = (top[:, :M] > cutoff[:, None]).sum(1)  # the exceedances are a prefix: rows are sorted
+    # Too few exceedances: either ties at the top (bounded weights, e.g. a discrete latent with few
+    # values) or one weight dwarfs the rest by > 1e15 (degenerate: pyro's psis_diagnostic says inf).
+    few, dwarfed = counts < 10, top[:, M] < math.log(1e-15)
+    result[few & dwarfed], result[few & ~dwarfed] = math.inf, -math.inf
+    result[top[:, M] > -_CONSTANT] = -math.inf      # weights equal: bounded, the estimate exact
     for n in counts.unique().tolist():
         if n < 10:
             continue
-        rows = (counts == n).nonzero().flatten()
+        rows = ((counts == n) & (top[:, M] <= -_CONSTANT)).nonzero().flatten()
         for chunk in rows.split(row_chunk):  # bounds the (rows, grid, n) intermediate
             exceed = top[chunk, :n].flip(-1).exp() - cutoff[chunk, None].exp()  # ascending
             result[chunk] = _fit_gpd_shape(exceed)
