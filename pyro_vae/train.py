@@ -56,6 +56,23 @@ def evaluate_elbo(vae, x: torch.Tensor, batch_size: int = 1000) -> Dict[str, flo
     return {"elbo": (log_lik - kl).mean().item(), "log_lik": log_lik.mean().item(), "kl": kl.mean().item()}
 
 
+def train_epoch(vae, objective, optimizer, train_x: torch.Tensor, batch_size: int, epoch: int = 1) -> float:
+    """One pass over ``train_x`` in random minibatches (binarized afresh when the likelihood is
+    binary); returns the mean per-point objective (e.g. the ELBO) over the epoch."""
+    n, binarize = len(train_x), vae.likelihood.binarize
+    total = 0.0
+    for step, idx in enumerate(torch.randperm(n, device=train_x.device).split(batch_size)):
+        x = torch.bernoulli(train_x[idx]) if binarize else train_x[idx]
+        loss = objective.differentiable_loss(vae.model, vae.guide, x, num_data=n) / n
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"the loss became {loss.item()} at epoch {epoch}, step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total -= loss.item() * len(idx)
+    return total / n
+
+
 def fit(vae, splits: Splits, objective, cfg: TrainConfig, run_dir: str, seed: int = 0,
         log: Optional[Callable[[Dict[str, float]], None]] = None, progress: bool = True,
         checkpoint_meta: Optional[dict] = None) -> FitResult:
@@ -74,27 +91,20 @@ def fit(vae, splits: Splits, objective, cfg: TrainConfig, run_dir: str, seed: in
     result = FitResult(0, -math.inf, 0, False)
     bad_epochs = 0
     bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress)
-    # The data were checked once above; per-step distribution validation would re-check them.
-    with pyro.validation_enabled(False):
+    # The data were checked once above, so per-step distribution validation is switched off; the
+    # torch optimizer owns the parameters, so they need not go through Pyro's param store.
+    with pyro.validation_enabled(False), vae.without_param_store():
         for epoch in bar:
             vae.train()
             if hasattr(objective, "on_epoch"):  # schedules such as a KL warm-up
                 objective.on_epoch(epoch)
-            total = 0.0
-            for step, idx in enumerate(torch.randperm(n, device=device).split(cfg.batch_size)):
-                x = torch.bernoulli(train_x[idx]) if lik.binarize else train_x[idx]
-                loss = objective.differentiable_loss(vae.model, vae.guide, x, num_data=n) / n
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"the loss became {loss.item()} at epoch {epoch}, step {step}; training stopped "
-                        f"and {checkpoint} (epoch {result.best_epoch}) is intact; try a lower train.lr"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total -= loss.item() * len(idx)
+            try:
+                objective_value = train_epoch(vae, objective, optimizer, train_x, cfg.batch_size, epoch)
+            except TrainingDiverged as e:
+                raise TrainingDiverged(f"{e}; training stopped and {checkpoint} (epoch {result.best_epoch}) "
+                                       f"is intact; try a lower train.lr") from None
             vae.eval()
-            record = {"epoch": epoch, "train_objective": total / n}
+            record = {"epoch": epoch, "train_objective": objective_value}
             record.update({f"train_{k}": v for k, v in evaluate_elbo(vae, train_eval_x, cfg.eval_batch_size).items()})
             if len(val_x):
                 record.update({f"val_{k}": v for k, v in evaluate_elbo(vae, val_x, cfg.eval_batch_size).items()})
