@@ -43,6 +43,8 @@ _PARTICLES = "_log_px_particles"  # name of the particle plate added outside the
 class LogPxEstimate:
     """Per-datapoint results of :func:`estimate_log_px`; every tensor has shape (N,), float64.
 
+    They live on the device of ``x``.
+
     :ivar log_px: log (1/K) Σ_k w_k.
     :ivar elbo: (1/K) Σ_k log w_k, and ``elbo_stderr`` its standard error.
     :ivar stderr: delta-method standard error of ``log_px``.
@@ -121,15 +123,16 @@ def estimate_log_px(model, guide, x: torch.Tensor, num_samples: int = 1000, *, m
             torch.manual_seed(seed)
         plan = _Plan.inspect(model, proposal, x[:max_batch], data_plate, args, kwargs)
         chunks = plan.chunks(x, K, max_batch, particle_chunk, data_chunk, vectorize)
-        out = {name: torch.empty(N, dtype=torch.float64) for name in _Stream.fields}
-        by_k = {k: torch.empty(N, dtype=torch.float64) for k in prefix_sizes}
-        kept = torch.empty(N, K, dtype=torch.float64) if keep_log_weights else None
+        empty = lambda *shape: torch.empty(*shape, dtype=torch.float64, device=x.device)  # noqa: E731
+        out = {name: empty(N) for name in _Stream.fields}
+        by_k = {k: empty(N) for k in prefix_sizes}
+        kept = empty(N, K) if keep_log_weights else None
         bar = _progress_bar(len(chunks.data) * len(chunks.particles), progress)
         for rows, x_in, indices in chunks.data:
-            stream = _Stream(len(rows), K, prefix_sizes)
+            stream = _Stream(rows.stop - rows.start, K, prefix_sizes, x.device)
             for start, stop in chunks.particles:
                 log_w = plan.log_weights(model, proposal, x_in, indices, stop - start, vectorize, args, kwargs)
-                log_w = log_w[:, :len(rows)]  # drop the wrap-around padding of a subsampled last chunk
+                log_w = log_w[:, :rows.stop - rows.start]  # drop the wrap-around padding of the last chunk
                 stream.update(log_w, start)
                 if kept is not None:
                     kept[rows, start:stop] = log_w.T
@@ -305,11 +308,11 @@ class _Plan:
         particles = [(s, min(s + particle_chunk, K)) for s in range(0, K, particle_chunk)]
         data = []
         for s in range(0, N, data_chunk):
-            rows = torch.arange(s, min(s + data_chunk, N))
+            rows = slice(s, min(s + data_chunk, N))
             if self.subsample_size is None:
-                data.append((rows, x[s:s + data_chunk], None))
+                data.append((rows, x[rows], None))
             else:  # pass all of x; force the plate's indices, wrapping around to fill the last chunk
-                data.append((rows, x, torch.arange(s, s + data_chunk) % N))
+                data.append((rows, x, torch.arange(s, s + data_chunk, device=x.device) % N))
         return _Chunks(data, particles)
 
     def log_weights(self, model, guide, x, indices, num_particles, vectorize, args, kwargs) -> torch.Tensor:
@@ -321,7 +324,7 @@ class _Plan:
             else:
                 guide_tr, model_tr = _traces(model, guide, x, args, kwargs)
         n = len(indices) if indices is not None else x.shape[0]
-        log_w = torch.zeros(num_particles, n, dtype=torch.float64)
+        log_w = torch.zeros(num_particles, n, dtype=torch.float64, device=x.device)
         for sign, tr in ((1.0, model_tr), (-1.0, guide_tr)):
             for name, site in tr.nodes.items():
                 kind = _site_kind("", site)
@@ -375,13 +378,13 @@ class _Stream:
 
     fields = ("log_px", "elbo", "stderr", "elbo_stderr", "ess", "pareto_k")
 
-    def __init__(self, n: int, K: int, prefix_sizes: tuple):
+    def __init__(self, n: int, K: int, prefix_sizes: tuple, device):
         self.K, self.prefix_sizes = K, prefix_sizes
-        self.lse = torch.full((n,), -math.inf, dtype=torch.float64)
+        self.lse = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
         self.lse2 = self.lse.clone()
         self.shift = self.s1 = self.s2 = None
         self.tail = _tail_size(K) + 1 if K >= 50 else 0
-        self.top = torch.empty(n, 0, dtype=torch.float64)
+        self.top = self.lse.new_empty(n, 0)
         self.by_k = {}
 
     def update(self, log_w: torch.Tensor, start: int) -> None:
@@ -440,9 +443,10 @@ def pareto_k_hat(log_weights: torch.Tensor, num_samples: int | None = None, row_
     K = num_samples or log_weights.shape[-1]
     M = _tail_size(K)
     top = log_weights.double().topk(min(M + 1, log_weights.shape[-1]), dim=-1).values
-    result = torch.full(top.shape[:1], math.nan, dtype=torch.float64)
+    result = torch.full_like(top[:, 0], math.nan)
     if top.shape[-1] < M + 1 or M < 10:
         return result
+    row_max = top[:, 0].clone()
     top = top - top[:, :1]
     cutoff = top[:, M].clamp(min=math.log(1e-15))
     counts = (top[:, :M] > cutoff[:, None]).sum(1)  # the exceedances are a prefix: rows are sorted
@@ -455,9 +459,12 @@ def pareto_k_hat(log_weights: torch.Tensor, num_samples: int | None = None, row_
         if n < 10:
             continue
         rows = ((counts == n) & (top[:, M] <= -_CONSTANT)).nonzero().flatten()
+        if len(rows) == 0:
+            continue
         for chunk in rows.split(row_chunk):  # bounds the (rows, grid, n) intermediate
             exceed = top[chunk, :n].flip(-1).exp() - cutoff[chunk, None].exp()  # ascending
             result[chunk] = _fit_gpd_shape(exceed)
+    result[~torch.isfinite(row_max)] = math.nan  # all weights 0 (or one infinite): nothing to fit
     return result
 
 
@@ -466,7 +473,7 @@ def _fit_gpd_shape(X: torch.Tensor) -> torch.Tensor:
     weak prior toward 0.5 — line for line ``pyro.ops.stats.fit_generalized_pareto``, batched."""
     N = X.shape[-1]
     M = 30 + int(math.sqrt(N))
-    grid = 1.0 - math.sqrt(M) / (torch.arange(1, M + 1, dtype=torch.float64) - 0.5).sqrt()
+    grid = 1.0 - math.sqrt(M) / (torch.arange(1, M + 1, dtype=X.dtype, device=X.device) - 0.5).sqrt()
     bs = grid / (3.0 * X[:, int(N / 4 - 0.5), None]) + 1 / X[:, -1:]                  # (R, M), b = k/σ
     ks = torch.log1p(-bs.unsqueeze(-1) * X.unsqueeze(-2)).mean(-1)                    # (R, M)
     Ls = N * (torch.log(-bs / ks) - (ks + 1.0))                                        # profile log-lik
