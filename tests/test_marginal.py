@@ -4,6 +4,7 @@ Tolerances come from the estimator's own standard errors (|estimate − truth| <
 z-scores of independent points have mean 0 ± 4/√N) or from floating-point precision; seeds are fixed.
 """
 
+import contextlib
 import math
 import subprocess
 import sys
@@ -194,47 +195,42 @@ def test_two_latent_sites():
     assert_within_stderr(estimate(model, mean_field, x, 3000), lg.log_px(x))
 
 
-def test_subsampled_data_plate_gives_the_same_per_point_answers(lg):
-    """Plate subsampling (N/B) and poutine.scale multiply Pyro's trace log_prob; neither may leak in."""
-    D, d = lg.dims
-    q = LinearGaussianGuide.perturbed(lg)
-    B = 4
+def _subsampled(lg, q, plate):
+    """Model and guide of ``lg`` (guide ``q``) whose data plate is ``plate(x)``, which yields the
+    indices of the rows of x it covers."""
+    d = lg.dims[1]
 
-    def model(x):  # the plate picks B of the rows of x
-        with pyro.plate("data", x.shape[0], subsample_size=B) as idx:
+    def model(x):
+        with plate(x) as idx:
             z = pyro.sample("z", dist.Normal(torch.zeros(d, dtype=x.dtype), 1.0).to_event(1))
             pyro.sample("x", dist.Normal(z @ lg.W.T + lg.b, lg.sigma).to_event(1), obs=x[idx])
 
     def guide(x):
-        with pyro.plate("data", x.shape[0], subsample_size=B) as idx:
+        with plate(x) as idx:
             pyro.sample("z", dist.MultivariateNormal(q.loc(x[idx]), scale_tril=q.scale_tril))
+    return model, guide
 
-    def minibatch_model(x):  # x is a minibatch of a 10,000-point set, and everything scaled by 3
-        with pyro.plate("data", 10_000, subsample=torch.arange(len(x))), poutine.scale(scale=3.0):
-            z = pyro.sample("z", dist.Normal(torch.zeros(d, dtype=x.dtype), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z @ lg.W.T + lg.b, lg.sigma).to_event(1), obs=x)
 
-    def minibatch_guide(x):
-        with pyro.plate("data", 10_000, subsample=torch.arange(len(x))), poutine.scale(scale=3.0):
-            pyro.sample("z", dist.MultivariateNormal(q.loc(x), scale_tril=q.scale_tril))
+def test_subsampled_data_plate_gives_the_same_per_point_answers(lg):
+    """Plate subsampling (N/B) and poutine.scale multiply Pyro's trace log_prob; neither may leak in."""
+    q, B = LinearGaussianGuide.perturbed(lg), 4
+    picks_B = lambda x: pyro.plate("data", x.shape[0], subsample_size=B)  # noqa: E731  B random rows of x
+
+    @contextlib.contextmanager
+    def minibatch(x):  # x is a minibatch of a 10,000-point set, and everything scaled by 3
+        with pyro.plate("data", 10_000, subsample=torch.arange(len(x))) as idx, poutine.scale(scale=3.0):
+            yield idx
 
     x = lg.sample(12, seed=4)  # 12 = 3 B: the same draws in the same order as the plain run
     plain = estimate(lg.model, q.guide, x, 300, data_chunk=B)
-    for m, g in [(model, guide), (minibatch_model, minibatch_guide)]:
-        torch.testing.assert_close(estimate(m, g, x, 300, data_chunk=B).log_px, plain.log_px, rtol=0, atol=1e-10)
+    for plate in (picks_B, minibatch):
+        model, guide = _subsampled(lg, q, plate)
+        torch.testing.assert_close(estimate(model, guide, x, 300, data_chunk=B).log_px, plain.log_px,
+                                   rtol=0, atol=1e-10)
     # Every point visited once also when B does not divide N (the last chunk wraps around).
-    x10 = lg.sample(10, seed=1)
-    exact = estimate(model, guide_exact(lg, B), x10, 5)
-    torch.testing.assert_close(exact.log_px, lg.log_px(x10), rtol=0, atol=1e-10)
-
-
-def guide_exact(lg, B):
-    exact = LinearGaussianGuide.exact(lg)
-
-    def guide(x):
-        with pyro.plate("data", x.shape[0], subsample_size=B) as idx:
-            pyro.sample("z", dist.MultivariateNormal(exact.loc(x[idx]), scale_tril=exact.scale_tril))
-    return guide
+    x = lg.sample(10, seed=1)
+    exact = estimate(*_subsampled(lg, LinearGaussianGuide.exact(lg), picks_B), x, 5)
+    torch.testing.assert_close(exact.log_px, lg.log_px(x), rtol=0, atol=1e-10)
 
 
 def test_discrete_latent_sampled_by_the_guide():
