@@ -4,7 +4,10 @@ its batch shape. Learnable priors keep their parameters as module parameters."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import pyro.distributions as dist
+import pyro.distributions.transforms as T
 import torch
 from torch import nn
 
@@ -36,3 +39,120 @@ class StandardNormalPrior(Prior):
 
     def forward(self):
         return dist.Normal(self.loc, self.scale).to_event(1)
+
+
+@PRIORS.register("mixture")
+class MixturePrior(Prior):
+    """A learnable mixture of Gaussians with diagonal covariances,
+
+        p(z) = sum_k pi_k N(z; m_k, diag s_k^2),   pi = softmax(logits),  s_k = softplus(.) + 1e-4,
+
+    all of pi, m and s learned. Means start at N(0, init_spread^2) draws, scales at 1, weights equal.
+    There is no closed-form KL(q || p): objectives fall back to Monte Carlo (see ``mean_field``).
+
+    :param num_components: K >= 1.
+    :param init_spread: standard deviation of the initial means (0 makes all components equal).
+    """
+
+    def __init__(self, latent_dim: int, num_components: int = 10, init_spread: float = 1.0):
+        super().__init__(latent_dim)
+        if int(num_components) != num_components or num_components < 1:
+            raise ValueError(f"prior.num_components must be an integer >= 1, got {num_components!r}")
+        if init_spread < 0:
+            raise ValueError(f"prior.init_spread must be >= 0, got {init_spread!r}")
+        self.num_components = int(num_components)
+        self.logits = nn.Parameter(torch.zeros(self.num_components))
+        self.locs = nn.Parameter(init_spread * torch.randn(self.num_components, self.latent_dim))
+        # softplus(0.5413) = 1: components start with unit scale.
+        self.raw_scales = nn.Parameter(torch.full((self.num_components, self.latent_dim), 0.5413))
+
+    def forward(self):
+        components = dist.Normal(self.locs, torch.nn.functional.softplus(self.raw_scales) + 1e-4).to_event(1)
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+
+
+@PRIORS.register("vamp")
+class VampPrior(Prior):
+    """The VampPrior (Tomczak & Welling, 2018): the aggregate posterior at K learned pseudo-inputs,
+
+        p(z) = (1/K) sum_k q(z | u_k),   u_k = hardtanh(v_k, 0, 1) in [0, 1]^D,
+
+    where q is the model's own guide (shared encoder) and the v_k are learned. Pseudo-inputs start
+    at N(init_mean, init_std^2) per pixel, the paper's MNIST choice (0.05, 0.01).
+
+    :param encoder: the guide q(z|x) (``build_vae`` passes it); its parameters are shared, not copied.
+    :param num_components: number of pseudo-inputs K.
+    """
+
+    def __init__(self, latent_dim: int, encoder: nn.Module, num_components: int = 500,
+                 init_mean: float = 0.05, init_std: float = 0.01):
+        super().__init__(latent_dim)
+        if int(num_components) != num_components or num_components < 1:
+            raise ValueError(f"prior.num_components must be an integer >= 1, got {num_components!r}")
+        if getattr(encoder, "latent_dim", latent_dim) != latent_dim or not hasattr(encoder, "data_dim"):
+            raise ValueError("the vamp prior needs the guide module (with data_dim and latent_dim) as encoder")
+        self.encoder = encoder
+        self.num_components = int(num_components)
+        self.pseudo_inputs = nn.Parameter(init_mean + init_std * torch.randn(self.num_components, encoder.data_dim))
+
+    def forward(self):
+        u = torch.nn.functional.hardtanh(self.pseudo_inputs, 0.0, 1.0)
+        components = self.encoder(u)  # batch shape (K,), event shape (latent_dim,)
+        return _ExpandingMixture(dist.Categorical(logits=u.new_zeros(self.num_components)), components)
+
+
+class _ExpandingMixture(dist.MixtureSameFamily):
+    """MixtureSameFamily that expands z to every component before scoring it, so components whose
+    log_prob does not broadcast (flows inverted with a per-component context) work too."""
+
+    def log_prob(self, z):
+        z = z.unsqueeze(-1 - self._event_ndims)
+        batch = torch.broadcast_shapes(z.shape[:z.dim() - self._event_ndims], self._component_distribution.batch_shape)
+        log_p = self._component_distribution.log_prob(z.expand(batch + z.shape[z.dim() - self._event_ndims:]))
+        return torch.logsumexp(log_p + torch.log_softmax(self._mixture_distribution.logits, -1), -1)
+
+
+@PRIORS.register("flow")
+class FlowPrior(Prior):
+    """A normalizing-flow prior: z = g(u), u ~ N(0, I), with g^{-1} = f_T o ... o f_1 a stack of
+    ``num_flows`` autoregressive transforms from ``pyro.distributions.transforms`` (affine, or
+    rational-quadratic ``spline``), with the order of the coordinates reversed between steps:
+
+        log p(z) = log N(f(z); 0, I) + log |det df/dz|.
+
+    The autoregressive transforms run in the *normalizing* direction f (the MAF arrangement), so
+    scoring z (what training does) is one network pass per step; sampling inverts them, one pass
+    per latent dimension (only figures sample the prior).
+
+    :param num_flows: T >= 1 steps. :param flow_type: ``"affine"`` or ``"spline"``.
+    :param flow_hidden: hidden layer sizes of each step's autoregressive network.
+    """
+
+    FLOW_TYPES = ("affine", "spline")
+
+    def __init__(self, latent_dim: int, num_flows: int = 2, flow_type: str = "affine",
+                 flow_hidden: Sequence[int] = (100,)):
+        super().__init__(latent_dim)
+        if flow_type not in self.FLOW_TYPES:
+            raise ValueError(f"prior.flow_type must be one of {', '.join(self.FLOW_TYPES)}, got {flow_type!r}")
+        if int(num_flows) != num_flows or num_flows < 1:
+            raise ValueError(f"prior.num_flows must be an integer >= 1, got {num_flows!r}")
+        if self.latent_dim < 2:
+            raise ValueError("a flow prior needs latent_dim >= 2 (an autoregressive flow in 1-D is a constant map)")
+        hidden = [int(h) for h in flow_hidden]
+        make = T.affine_autoregressive if flow_type == "affine" else T.spline_autoregressive
+        self.flows = nn.ModuleList([make(self.latent_dim, hidden_dims=hidden) for _ in range(int(num_flows))])
+        self.register_buffer("loc", torch.zeros(self.latent_dim))
+        self.register_buffer("scale", torch.ones(self.latent_dim))
+        self.register_buffer("reverse", torch.arange(self.latent_dim - 1, -1, -1))
+
+    def normalizing_transforms(self):
+        """f_1, reverse, f_2, reverse, ..., f_T: the map z -> u."""
+        steps = []
+        for i, flow in enumerate(self.flows):
+            steps += [flow] if i == 0 else [T.Permute(self.reverse), flow]
+        return steps
+
+    def forward(self):
+        f = T.ComposeTransform(self.normalizing_transforms())
+        return dist.TransformedDistribution(dist.Normal(self.loc, self.scale).to_event(1), [f.inv])
