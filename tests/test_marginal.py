@@ -398,7 +398,7 @@ def test_vae_matches_direct_importance_sampling_and_ignores_num_data():
            "guide": {"name": "diagonal_normal"}, "likelihood": {"name": "bernoulli"}}
     vae = build_vae(cfg, data_dim=12).eval()
     x = torch.bernoulli(torch.full((15, 12), 0.3), generator=torch.Generator().manual_seed(1))
-    ours = estimate(vae.model, vae.guide, x, 2000, data_chunk=15, seed=0, warn=False)
+    ours = estimate(vae.model, vae.guide, x, 2000, data_chunk=15, particle_chunk=2000, seed=0, warn=False)
     # The same estimator written against the VAE's distributions, no Pyro traces. Same seed and the
     # same rsample call (the guide's, expanded by the particle and data plates, one chunk): the same z.
     torch.manual_seed(0)
@@ -412,8 +412,21 @@ def test_vae_matches_direct_importance_sampling_and_ignores_num_data():
     tol = 4 * F32_EPS * sum(t.abs().double() for t in terms).max(0).values
     assert ((ours.log_px - direct).abs() <= tol).all()
     # A minibatch's subsampling scale (num_data / len(x)) must not reach the per-point estimate.
-    scaled = estimate(vae.model, vae.guide, x, 2000, data_chunk=15, kwargs={"num_data": 60000}, seed=0, warn=False)
+    scaled = estimate(vae.model, vae.guide, x, 2000, data_chunk=15, particle_chunk=2000, kwargs={"num_data": 60000},
+                      seed=0, warn=False)
     torch.testing.assert_close(scaled.log_px, ours.log_px, rtol=0, atol=1e-10)
+
+
+def test_every_row_is_validated_even_beyond_the_first_pass():
+    from pyro_vae import build_vae
+    cfg = {"model": {"latent_dim": 2, "hidden": [8], "activation": "tanh"}, "prior": {"name": "standard_normal"},
+           "guide": {"name": "diagonal_normal"}, "likelihood": {"name": "bernoulli"}}
+    vae = build_vae(cfg, data_dim=5)
+    x = torch.bernoulli(torch.full((30, 5), 0.5), generator=torch.Generator().manual_seed(0))
+    x[23, 1] = 0.5  # not a binary pixel: outside the Bernoulli support
+    with pytest.raises(ValueError, match="the model rejects rows 20-29 of x") as info:
+        estimate(vae.model, vae.guide, x, 100, max_batch=10)
+    assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------- slow: calibration at scale

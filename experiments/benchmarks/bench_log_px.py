@@ -191,7 +191,7 @@ def main():
     parser.add_argument("--images", type=int, default=1000, help="test images for ours and hand-written")
     parser.add_argument("--subset", type=int, default=4, help="images for Importance and pythae (extrapolated)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-batch", type=int, default=16384, help="particles × images per pass")
+    parser.add_argument("--max-batch", type=int, default=8192, help="particles × images per pass")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory", type=int, default=0, help="only measure peak memory on this many images")
     args = parser.parse_args()
