@@ -1,0 +1,99 @@
+"""Likelihoods: log p(x|z) against the formulas, the support checks, binarize flags, bad options."""
+
+import math
+
+import pytest
+import torch
+
+from pyro_vae.likelihoods import (LIKELIHOODS, BernoulliLikelihood, CategoricalLikelihood,
+                                  ContinuousBernoulliLikelihood, GaussianLikelihood, GreyLevels)
+
+D, d = 5, 2
+
+
+def grey_levels(n=4, levels=17):
+    return torch.randint(0, levels, (n, D), generator=torch.Generator().manual_seed(0)).float() / (levels - 1)
+
+
+def test_continuous_bernoulli_includes_its_normalizer():
+    torch.manual_seed(0)
+    lik, z, x = ContinuousBernoulliLikelihood(D, d, hidden=[8]), torch.randn(4, d), grey_levels()
+    lam = torch.sigmoid(lik.net(z)).double()
+    log_c = torch.log(2 * torch.atanh(1 - 2 * lam) / (1 - 2 * lam))  # C(lambda), lambda != 1/2
+    by_hand = (log_c + x * torch.log(lam) + (1 - x) * torch.log1p(-lam)).sum(-1)
+    assert torch.allclose(lik(z).log_prob(x).double(), by_hand, atol=1e-4)
+    assert not lik.binarize
+
+
+@pytest.mark.parametrize("scale_type,size", [("global", 1), ("per_dim", D)])
+def test_gaussian_with_learned_scale(scale_type, size):
+    torch.manual_seed(0)
+    lik = GaussianLikelihood(D, d, hidden=[8], scale_type=scale_type, init_scale=0.3)
+    assert lik.raw_scale.shape == (size,) and torch.allclose(lik.scale, torch.full((size,), 0.3))
+    z, x = torch.randn(4, d), grey_levels()
+    mu, s = lik.net(z), lik.scale
+    by_hand = (-0.5 * ((x - mu) / s) ** 2 - torch.log(s) - 0.5 * math.log(2 * math.pi)).sum(-1)
+    assert torch.allclose(lik(z).log_prob(x), by_hand, atol=1e-5)
+    lik(z).log_prob(x).sum().backward()
+    assert lik.raw_scale.grad.abs().sum() > 0  # the scale is learned
+    assert not lik.binarize
+
+
+def test_categorical_over_grey_levels():
+    torch.manual_seed(0)
+    lik, z, x = CategoricalLikelihood(D, d, hidden=[8], num_levels=17), torch.randn(4, d), grey_levels()
+    logits = lik.net(z).reshape(4, D, 17).log_softmax(-1)
+    k = (x * 16).round().long()
+    by_hand = logits.gather(-1, k[..., None]).squeeze(-1).sum(-1)
+    assert torch.allclose(lik(z).log_prob(x), by_hand, atol=1e-5)
+    # a proper distribution on the levels: probabilities sum to 1, samples are levels, mean = sum p_k k/16
+    levels = GreyLevels(logits)
+    all_levels = torch.arange(17).float().div(16)[:, None, None].expand(17, 4, D)
+    assert torch.allclose(levels.log_prob(all_levels).exp().sum(0), torch.ones(4, D), atol=1e-5)
+    s = levels.sample((3,))
+    assert torch.allclose(s * 16, (s * 16).round())
+    assert torch.allclose(levels.mean, (logits.exp() * torch.arange(17) / 16).sum(-1), atol=1e-6)
+    assert not lik.binarize
+
+
+def test_bernoulli_binarizes():
+    assert BernoulliLikelihood(D, d, hidden=[8]).binarize
+
+
+@pytest.mark.parametrize("name", ["bernoulli", "continuous_bernoulli", "categorical"])
+def test_data_outside_the_unit_interval_is_rejected(name):
+    lik = LIKELIHOODS.build(name, {}, data_dim=D, latent_dim=d, hidden=[8], activation="tanh")
+    lik.check_data(grey_levels(), "digits train data")  # in support: no error
+    with pytest.raises(ValueError, match=rf"digits train data lies in \[0, 16\] but the {name} likelihood needs "
+                                         r"values in \[0, 1\]; rescale it"):
+        lik.check_data(grey_levels() * 16, "digits train data")
+
+
+@pytest.mark.parametrize("name", ["bernoulli", "continuous_bernoulli", "gaussian", "categorical"])
+def test_nan_is_rejected(name):
+    lik = LIKELIHOODS.build(name, {}, data_dim=D, latent_dim=d, hidden=[8], activation="tanh")
+    x = grey_levels()
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"data holds NaN or inf \(first at index \[1, 2\]\)"):
+        lik.check_data(x)
+
+
+def test_categorical_rejects_values_between_levels():
+    lik = CategoricalLikelihood(D, d, hidden=[8], num_levels=17)
+    x = grey_levels()
+    x[0, 0] = 0.5 + 1 / 64
+    with pytest.raises(ValueError, match=r"holds 0.515625, not one of the 17 grey levels k/16.*set likelihood.num_levels"):
+        lik.check_data(x)
+    CategoricalLikelihood(D, d, hidden=[8], num_levels=256).check_data(torch.tensor([[0, 1, 128, 255, 7]]) / 255.0)
+
+
+def test_bad_likelihood_options():
+    with pytest.raises(ValueError, match="scale_type must be one of global, per_dim"):
+        GaussianLikelihood(D, d, scale_type="full")
+    with pytest.raises(ValueError, match="0 < min_scale < init_scale"):
+        GaussianLikelihood(D, d, init_scale=0.001)
+    with pytest.raises(ValueError, match="num_levels must be an integer >= 2"):
+        CategoricalLikelihood(D, d, num_levels=1)
+    with pytest.raises(ValueError, match="unknown likelihood 'poisson'; choose one of: bernoulli, categorical, "
+                                         "continuous_bernoulli, gaussian"):
+        LIKELIHOODS.get("poisson")
