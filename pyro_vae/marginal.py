@@ -128,6 +128,7 @@ def estimate_log_px(model, guide, x: torch.Tensor, num_samples: int = 1000, *, m
         chunks = plan.chunks(x, K, max_batch, particle_chunk, data_chunk, vectorize)
         empty = lambda *shape: torch.empty(*shape, dtype=torch.float64, device=x.device)  # noqa: E731
         out = {name: empty(N) for name in _Stream.fields}
+        top = empty(N, _tail_size(K) + 1) if K >= 50 else None  # the largest log weights, for k̂
         by_k = {k: empty(N) for k in prefix_sizes}
         kept = empty(N, K) if keep_log_weights else None
         bar = _progress_bar(len(chunks.data) * len(chunks.particles), progress)
@@ -145,9 +146,12 @@ def estimate_log_px(model, guide, x: torch.Tensor, num_samples: int = 1000, *, m
                     bar.update(1)
                 for name, value in stream.finish().items():
                     out[name][rows] = value
+                if top is not None:
+                    top[rows] = stream.top
                 for k in prefix_sizes:
                     by_k[k][rows] = stream.by_k[k]
         bar.close()
+        out["pareto_k"] = pareto_k_hat(top, K) if top is not None else torch.full_like(out["log_px"], math.nan)
     result = LogPxEstimate(**out, num_samples=K, method=method, log_px_by_k=by_k, log_weights=kept)
     bad = result.pareto_k > 0.7
     if warn and bad.any():
@@ -229,7 +233,7 @@ class _ForceSubsample(Messenger):
             msg["value"] = self.indices
 
 
-def _site_kind(trace_name: str, site) -> str | None:
+def _site_kind(site) -> str | None:
     """'observed', 'latent', or None for sites that carry no density (plates' subsample, deterministic)."""
     if site["type"] != "sample" or isinstance(site["fn"], _Subsample) or site["infer"].get("_deterministic"):
         return None
@@ -259,16 +263,15 @@ class _Plan:
         except (ValueError, RuntimeError, IndexError, TypeError) as e:
             raise ValueError(f"model/guide failed on x of shape {tuple(x0.shape)} ({_one_line(e)}); check "
                              f"that x has the shape the model expects, one row per data point") from e
-        frames, in_guide = [], set()
+        frames = []
         for trace_name, tr in (("guide", guide_tr), ("model", model_tr)):
             for name, site in tr.nodes.items():
-                kind = _site_kind(trace_name, site)
+                kind = _site_kind(site)
                 if kind is None:
                     continue
                 if trace_name == "guide":
                     if kind == "observed":
                         raise ValueError(f"guide site '{name}' is observed; a guide may only sample latents")
-                    in_guide.add(name)
                     if name not in model_tr.nodes:
                         raise ValueError(f"guide site '{name}' does not appear in the model; the weight "
                                          f"p(x, z)/q(z|x) needs every guide latent to be a model latent")
@@ -346,7 +349,7 @@ class _Plan:
         log_w = torch.zeros(num_particles, n, dtype=torch.float64, device=x.device)
         for sign, tr in ((1.0, model_tr), (-1.0, guide_tr)):
             for name, site in tr.nodes.items():
-                kind = _site_kind("", site)
+                kind = _site_kind(site)
                 if kind is None or (tr is model_tr and kind == "latent" and name not in guide_tr.nodes):
                     continue  # a model-only latent is drawn from p(z_j | ...), which cancels in w
                 log_w += sign * self._per_point(name, site, num_particles, n)
@@ -399,7 +402,7 @@ class _Stream:
     (the Pareto tail), so memory does not grow with K.
     """
 
-    fields = ("log_px", "elbo", "stderr", "elbo_stderr", "ess", "pareto_k")
+    fields = ("log_px", "elbo", "stderr", "elbo_stderr", "ess")
 
     def __init__(self, n: int, K: int, prefix_sizes: tuple, device):
         self.K, self.prefix_sizes = K, prefix_sizes
@@ -434,9 +437,8 @@ class _Stream:
         ess = torch.exp(2 * self.lse - self.lse2)
         var = (self.s2 - self.s1**2 / K) / (K - 1) if K > 1 else torch.full_like(self.s1, math.nan)
         stderr = ((K / ess - 1).clamp(min=0) / (K - 1)).sqrt() if K > 1 else torch.full_like(ess, math.nan)
-        pareto_k = pareto_k_hat(self.top, K) if self.tail else torch.full_like(ess, math.nan)
         return {"log_px": self.lse - math.log(K), "elbo": self.shift + self.s1 / K, "stderr": stderr,
-                "elbo_stderr": (var.clamp(min=0) / K).sqrt(), "ess": ess, "pareto_k": pareto_k}
+                "elbo_stderr": (var.clamp(min=0) / K).sqrt(), "ess": ess}
 
 
 _CONSTANT = 1e-6  # log-weight spread below which the largest weights count as equal
