@@ -13,6 +13,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from scipy.stats import multivariate_normal
 
+from pyro_vae.marginal import estimate_log_px
 from pyro_vae.models.gaussian_mixture import (CategoricalGuide, GaussianMixture, TrainableGaussianMixture,
                                               fit, gradient_moments, init_params)
 
@@ -128,6 +129,24 @@ def test_sampled_gradient_is_unbiased_and_enumerated_has_zero_variance():
     z = (mean - exact_mean)[noisy] / (var[noisy] / 300).sqrt()
     # ~60 coordinates: a 5-SE bound on the largest |z| fails by chance with probability < 1e-4.
     assert z.abs().max().item() < 5
+
+
+def test_importance_weighted_estimates_with_the_amortized_guide_converge_to_exact_log_px():
+    gm = random_mixture(C=4)
+    x, _ = gm.sample(20, torch.Generator().manual_seed(13))
+    torch.manual_seed(2)
+    q = CategoricalGuide(2, 4).to(DTYPE)  # untrained: far from p(c|x), so K matters
+    result = estimate_log_px(gm.model, q.guide, x, num_samples=2000, seed=0, progress=False)
+    with torch.no_grad():
+        exact_elbo, exact_log_px = gm.elbo(x, q.probs(x)), gm.log_px(x)
+    # Per point, 20 points: a 5-SE bound on the largest |z| fails by chance with probability < 1e-4.
+    assert ((result.elbo - exact_elbo).abs() < 5 * result.elbo_stderr).all()
+    assert ((result.log_px - exact_log_px).abs() < 5 * result.stderr).all()
+    # The bound tightens with K: the gap to log p(x) at K = 1000 is a fraction of the ELBO's KL gap.
+    mean_by_k = result.mean_log_px_by_k()
+    gap_elbo = (exact_log_px - exact_elbo).mean().item()
+    assert gap_elbo > 0.1
+    assert abs(mean_by_k[1000] - exact_log_px.mean().item()) < 0.05 * gap_elbo
 
 
 # ---------------------------------------------------------------- fitting
