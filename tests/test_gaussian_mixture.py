@@ -48,6 +48,14 @@ def well_separated(covariance_type="full"):
     return GaussianMixture.from_covariances(weights, locs, cov)
 
 
+def mixture_points_and_untrained_guide(C, num_points, seed):
+    """A random mixture, points drawn from it, and a fresh (untrained, so imperfect) q(c|x)."""
+    gm = random_mixture(C=C)
+    x, _ = gm.sample(num_points, torch.Generator().manual_seed(seed))
+    pyro.set_rng_seed(seed)
+    return gm, x, CategoricalGuide(2, C).to(DTYPE)
+
+
 # ---------------------------------------------------------------- exact formulas vs brute force
 
 @pytest.mark.parametrize("covariance_type", ["full", "diag"])
@@ -76,10 +84,7 @@ def test_enumerated_model_loss_is_exact_negative_log_px(covariance_type):
 
 
 def test_elbo_equals_log_px_minus_kl_per_point_and_matches_pyro():
-    gm = random_mixture(C=4)
-    x, _ = gm.sample(8, torch.Generator().manual_seed(4))
-    torch.manual_seed(0)
-    q = CategoricalGuide(2, 4).to(DTYPE)
+    gm, x, q = mixture_points_and_untrained_guide(C=4, num_points=8, seed=4)
     with torch.no_grad():
         probs = q.probs(x)
         post = gm.posterior_probs(x)
@@ -96,10 +101,7 @@ def test_elbo_equals_log_px_minus_kl_per_point_and_matches_pyro():
 
 
 def test_sampled_guide_elbo_matches_enumerated_in_expectation():
-    gm = random_mixture(C=3)
-    x, _ = gm.sample(10, torch.Generator().manual_seed(5))
-    pyro.set_rng_seed(0)
-    q = CategoricalGuide(2, 3).to(DTYPE)
+    gm, x, q = mixture_points_and_untrained_guide(C=3, num_points=10, seed=5)
     with torch.no_grad():
         exact = gm.elbo(x, q.probs(x)).sum().item()
         # 50 independent batch means of 100 sampled ELBO draws each; their spread gives the SE.
@@ -108,6 +110,19 @@ def test_sampled_guide_elbo_matches_enumerated_in_expectation():
     se = means.std().item() / math.sqrt(len(means))
     assert se > 0
     assert abs(means.mean().item() - exact) < 4 * se
+
+
+@pytest.mark.slow
+def test_sampled_elbo_standard_errors_are_calibrated():
+    # z = (sampled ELBO mean − exact ELBO) / SE over 200 repetitions: mean 0 ± 4/√R, sd 1 ± 4/√(2R).
+    gm, x, q = mixture_points_and_untrained_guide(C=3, num_points=10, seed=14)
+    sampled = Trace_ELBO(num_particles=200, vectorize_particles=True, max_plate_nesting=1)
+    with torch.no_grad():
+        exact = gm.elbo(x, q.probs(x)).sum().item()
+        draws = torch.tensor([[-sampled.loss(gm.model, q.guide, x) for _ in range(20)] for _ in range(200)])
+    z = (draws.mean(1) - exact) / (draws.std(1) / math.sqrt(20))
+    assert z.mean().abs() < 4 / math.sqrt(200)
+    assert (z.std() - 1).abs() < 4 / math.sqrt(2 * 200) + 0.05  # + t(19) excess spread, sd ≈ 1.05
 
 
 def test_sampled_gradient_is_unbiased_and_enumerated_has_zero_variance():
@@ -132,10 +147,7 @@ def test_sampled_gradient_is_unbiased_and_enumerated_has_zero_variance():
 
 
 def test_importance_weighted_estimates_with_the_amortized_guide_converge_to_exact_log_px():
-    gm = random_mixture(C=4)
-    x, _ = gm.sample(20, torch.Generator().manual_seed(13))
-    torch.manual_seed(2)
-    q = CategoricalGuide(2, 4).to(DTYPE)  # untrained: far from p(c|x), so K matters
+    gm, x, q = mixture_points_and_untrained_guide(C=4, num_points=20, seed=13)  # q far from p(c|x): K matters
     result = estimate_log_px(gm.model, q.guide, x, num_samples=2000, seed=0, progress=False)
     with torch.no_grad():
         exact_elbo, exact_log_px = gm.elbo(x, q.probs(x)), gm.log_px(x)

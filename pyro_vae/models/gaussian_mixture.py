@@ -229,8 +229,9 @@ class TrainableGaussianMixture(_MixtureMath, torch.nn.Module):
     Unconstrained parameters map onto valid ones: π = softmax(logits) lies on the simplex;
     full: Σ_c = L_c L_cᵀ + ε I with L_c lower triangular with diagonal exp(r_c);
     diag: σ_c² = exp(2 r_c) + ε. The log scale r_c makes Adam's steps relative changes of the
-    scale, so a variance that starts at 25 reaches 1 in tens of steps, not hundreds. The floor ε = ``reg_covar`` (as scikit-learn's ``reg_covar``)
-    keeps a component that collapses onto one point at a finite density instead of NaN.
+    scale, so a variance that starts at 25 reaches 1 in tens of steps, not hundreds. The floor
+    ε = ``reg_covar`` (scikit-learn's ``reg_covar``) keeps a component that collapses onto one
+    point at a finite density (Σ_c ⪰ ε I) instead of an infinite likelihood and NaN.
 
     :param weights, locs, covariances: the initial π (C,), μ (C, D), Σ (C, D, D) (see :func:`init_params`).
     :param covariance_type: ``"full"`` or ``"diag"`` (then only the diagonal of ``covariances`` is used).
@@ -247,7 +248,8 @@ class TrainableGaussianMixture(_MixtureMath, torch.nn.Module):
         fixed = GaussianMixture.from_covariances(weights, locs, covariances)
         self.covariance_type, self.reg_covar = covariance_type, reg_covar
         self._pyro_name = f"gaussian_mixture_{next(_instance_ids)}"
-        self.logits = torch.nn.Parameter(fixed.weights.log())
+        # A zero initial weight would give logit −inf and NaN gradients; start it tiny instead.
+        self.logits = torch.nn.Parameter(fixed.weights.clamp(min=1e-12).log())
         self.loc_param = torch.nn.Parameter(fixed.locs.clone())
         floor = reg_covar * torch.eye(fixed.dim, dtype=fixed.locs.dtype)
         if covariance_type == "full":
