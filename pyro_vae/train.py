@@ -108,11 +108,13 @@ def fit(vae, splits: Splits, objective, cfg: TrainConfig, run_dir: str, seed: in
             record.update({f"train_{k}": v for k, v in evaluate_elbo(vae, train_eval_x, cfg.eval_batch_size).items()})
             if len(val_x):
                 record.update({f"val_{k}": v for k, v in evaluate_elbo(vae, val_x, cfg.eval_batch_size).items()})
+                if hasattr(objective, "validation_bound"):  # select on the bound trained (IWAE), not the ELBO
+                    record["val_objective"] = objective.validation_bound(vae, val_x, cfg.eval_batch_size)
             result.history.append(record)
             result.epochs_run = epoch
             if log is not None:
                 log(record)
-            score = record.get("val_elbo", record["train_elbo"])  # no validation set: select on train
+            score = record.get("val_objective", record.get("val_elbo", record["train_elbo"]))  # no val set: train
             bar.set_postfix(train_elbo=f"{record['train_elbo']:.2f}", val_elbo=f"{score:.2f}")
             if score > result.best_val_elbo:
                 result.best_epoch, result.best_val_elbo, bad_epochs = epoch, score, 0
