@@ -69,6 +69,10 @@ class Objective:
             return weighted
         return wrap(model), wrap(guide)
 
+    def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """``pyro.infer.SVI(model, guide, optim, loss=objective)`` calls this and backpropagates it."""
+        return self.differentiable_loss(model, guide, *args, **kwargs)
+
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """For ``pyro.infer.SVI``: backpropagate the loss into the parameters, return its value."""
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
@@ -195,6 +199,13 @@ class IWAE(Objective):
         """(bound_n, c_n): the per-point bound L_K(x_n) and its scale c_n, shape (n,) each."""
         bound, scale, _ = self._compute(*self._weighted(model, guide), *args, **kwargs)
         return bound, scale
+
+    @torch.no_grad()
+    def validation_bound(self, vae, x: torch.Tensor, batch_size: int = 1000) -> float:
+        """Mean over the rows of x of L_K(x_n) (beta = 1): what the trainer selects epochs on, since
+        an IWAE-trained guide can lower the ELBO while it raises L_K."""
+        bounds = [self._compute(vae.model, vae.guide, b)[0] for b in x.split(batch_size)]
+        return torch.cat(bounds).mean().item()
 
     def _loss(self, model, guide, *args, **kwargs):
         bound, scale, surrogate = self._compute(model, guide, *args, **kwargs)
