@@ -51,15 +51,17 @@ REFERENCE = {"model": {"latent_dim": 50, "hidden": [200, 200], "activation": "ta
 
 
 def reference_vae(run_dir: str | None, epochs: int):
-    """The trained VAE of ``run_dir``, or the reference architecture trained ``epochs`` epochs (cached)."""
+    """(VAE, config): the trained VAE of ``run_dir``, or the reference architecture trained
+    ``epochs`` epochs (cached in experiments/results/tmp)."""
     if run_dir:
         from pyro_vae.experiment import load_run
-        return load_run(run_dir)[0]
+        vae, cfg, _ = load_run(run_dir)
+        return vae, cfg
     torch.manual_seed(0)
     vae = build_vae(REFERENCE, 784)
     if os.path.exists(CACHE):
         vae.load_state_dict(torch.load(CACHE))
-        return vae.eval()
+        return vae.eval(), REFERENCE
     train_x = load_dataset("mnist5k").train_x
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
     for epoch in range(1, epochs + 1):
@@ -67,7 +69,7 @@ def reference_vae(run_dir: str | None, epochs: int):
         print(f"train epoch {epoch}: ELBO {elbo:.2f}", flush=True)
     os.makedirs(os.path.dirname(CACHE), exist_ok=True)
     torch.save(vae.state_dict(), CACHE)
-    return vae.eval()
+    return vae.eval(), REFERENCE
 
 
 @torch.no_grad()
@@ -171,22 +173,35 @@ def timed(fn, repeats: int):
     return times, value
 
 
-def peak_memory(vae, x, K: int, images: int, max_batch: int) -> None:
-    """Peak resident memory of estimate_log_px on ``images`` images (the test set tiled)."""
+def peak_memory(vae, cfg, x, K: int, images: int, max_batch: int, threads: int) -> None:
+    """Peak resident memory of estimate_log_px on ``images`` images (the test set tiled), measured in
+    a fresh process that holds only torch, pyro, the VAE and x, so the peak is the estimator's."""
     x = x.repeat(math.ceil(images / len(x)), 1)[:images]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({"cfg": dict(cfg), "state": vae.state_dict(), "x": x}, os.path.join(tmp, "inputs.pt"))
+        subprocess.run([sys.executable, __file__, "--memory-worker", tmp, "--num-samples", str(K),
+                        "--max-batch", str(max_batch), "--threads", str(threads)], check=True)
+
+
+def memory_worker(folder: str, K: int, max_batch: int) -> None:
+    inputs = torch.load(os.path.join(folder, "inputs.pt"), weights_only=False)
+    vae, x = build_vae(inputs["cfg"], inputs["x"].shape[1]), inputs["x"]
+    vae.load_state_dict(inputs["state"])
+    vae.eval()
+    with open("/proc/self/status") as f:
+        before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
     start = time.perf_counter()
-    result = estimate_log_px(vae.model, vae.guide, x, K, max_batch=max_batch, seed=0, progress=True)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"estimate_log_px K={K} on {images} images, max_batch={max_batch}: {time.perf_counter() - start:.0f} s, "
-          f"mean log p(x) {result.log_px.mean():.2f}; peak RSS {after:.0f} MiB "
-          f"(process before the call {before:.0f} MiB, model and data loaded)")
+    result = estimate_log_px(vae.model, vae.guide, x, K, max_batch=max_batch, seed=0, progress=False, warn=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"estimate_log_px K={K} on {len(x)} images, max_batch={max_batch}: {time.perf_counter() - start:.0f} s, "
+          f"mean log p(x) {result.log_px.mean():.2f}; peak RSS {peak:.0f} MiB, of which {before:.0f} MiB "
+          f"before the call (python, torch, pyro, the VAE and x): the estimator added {peak - before:.0f} MiB")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", help="a pyro-vae training run to evaluate (default: train briefly)")
-    parser.add_argument("--epochs", type=int, default=5, help="training epochs without --run-dir")
+    parser.add_argument("--epochs", type=int, default=20, help="training epochs without --run-dir")
     parser.add_argument("--num-samples", type=int, default=5000, help="K, importance samples per image")
     parser.add_argument("--images", type=int, default=1000, help="test images for ours and hand-written")
     parser.add_argument("--subset", type=int, default=4, help="images for Importance and pythae (extrapolated)")
@@ -194,14 +209,17 @@ def main():
     parser.add_argument("--max-batch", type=int, default=8192, help="particles × images per pass")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory", type=int, default=0, help="only measure peak memory on this many images")
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        return memory_worker(args.memory_worker, args.num_samples, args.max_batch)
 
-    vae = reference_vae(args.run_dir, args.epochs)
+    vae, cfg = reference_vae(args.run_dir, args.epochs)
     x = binarize_fixed(load_dataset("mnist5k").test_x, TEST_BINARIZATION_SEED)
     K, n = args.num_samples, min(args.images, len(x))
     if args.memory:
-        return peak_memory(vae, x, K, args.memory, args.max_batch)
+        return peak_memory(vae, cfg, x, K, args.memory, args.max_batch, args.threads)
     x, subset = x[:n], x[:args.subset]
     print(f"K={K}, {n} mnist5k test images, torch threads {torch.get_num_threads()}, repeats {args.repeats}")
 
