@@ -2,7 +2,8 @@
 
 from .build import build_objective, build_vae
 from .data import load_dataset
+from .marginal import LogPxEstimate, estimate_log_px
 from .train import TrainConfig, fit
 from .vae import VAE
 
-__all__ = ["VAE", "build_vae", "build_objective", "load_dataset", "fit", "TrainConfig"]
+__all__ = ["VAE", "estimate_log_px", "LogPxEstimate", "build_vae", "build_objective", "load_dataset", "fit", "TrainConfig"]

@@ -19,6 +19,7 @@ import torch
 from .build import build_objective, build_vae
 from .checkpoint import atomic_write_json, load_checkpoint
 from .data import TEST_BINARIZATION_SEED, Splits, binarize_fixed, load_dataset
+from .marginal import estimate_log_px
 from .metrics import MetricsLog
 from .train import TrainConfig, evaluate_elbo, fit
 
@@ -35,10 +36,11 @@ def _load_splits(cfg: Mapping[str, Any]) -> Splits:
 
 
 def _log_px(vae, x: torch.Tensor, cfg: Mapping[str, Any], num_samples: int, progress: bool):
-    from .marginal import estimate_log_px
-
-    torch.manual_seed(int(cfg["seed"]))
-    return estimate_log_px(vae.model, vae.guide, x, num_samples=num_samples, progress=progress)
+    """Importance-weighted log p(x) per test point, plus log p̂_K' for K' = 1, 10, 100, ... <= K
+    from prefixes of the same particles."""
+    prefixes = [k for k in (1, 10, 100, 1000, 5000) if k <= num_samples] + [num_samples]
+    return estimate_log_px(vae.model, vae.guide, x, num_samples=num_samples, prefix_sizes=prefixes,
+                           seed=int(cfg["seed"]), progress=progress)
 
 
 def _mean_se(values: torch.Tensor) -> Dict[str, float]:
@@ -119,7 +121,17 @@ def evaluate_run(run_dir: str, num_samples: int = 5000, progress: bool = True) -
     test_x = _test_data(vae, splits)
     estimate = _log_px(vae, test_x, cfg, num_samples, progress)
     log_px, elbo = _mean_se(estimate.log_px), _mean_se(estimate.elbo)
+    k_hat = estimate.pareto_k[torch.isfinite(estimate.pareto_k)]
     result = {"run_dir": os.path.abspath(run_dir), "num_samples": num_samples, "num_test": len(test_x),
-              "log_px": log_px, "elbo": elbo, "gap": log_px["mean"] - elbo["mean"]}
+              "log_px": log_px, "elbo": elbo, "gap": log_px["mean"] - elbo["mean"],
+              "log_px_by_k": {str(k): _mean_se(v) for k, v in estimate.log_px_by_k.items()},
+              "mean_mc_stderr": estimate.stderr.mean().item(), "median_ess": estimate.ess.median().item(),
+              "fraction_pareto_k_above_0.7": (k_hat > 0.7).double().mean().item() if len(k_hat) else None}
+    from .figures import save_figure
+    from .plots_log_px import plot_log_px_vs_k
+
+    fig = plot_log_px_vs_k(estimate, title=f"test log p(x) vs K ({os.path.basename(os.path.abspath(run_dir))})")
+    os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
+    save_figure(fig, os.path.join(run_dir, "figures", "log_px_vs_k.png"))
     atomic_write_json(os.path.join(run_dir, "evaluation.json"), result)
     return result

@@ -17,7 +17,7 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
     # Write to a temporary name, then rename: a crash never leaves a truncated PNG.
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -38,7 +38,7 @@ def elbo_curves(history: List[Dict[str, float]], path: str) -> None:
                 ax.plot(epochs, [np.nan if v is None else v for v in values], label=split)
         ax.set(title=title + " (nats per image)", xlabel="epoch")
         ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def image_grid(rows: Sequence[np.ndarray], shape: Tuple[int, int], path: str,
@@ -57,7 +57,7 @@ def image_grid(rows: Sequence[np.ndarray], shape: Tuple[int, int], path: str,
             axes[r][0].set_ylabel(row_titles[r], fontsize=8)
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def latent_space(z: np.ndarray, labels: np.ndarray, path: str) -> None:
@@ -78,4 +78,4 @@ def latent_space(z: np.ndarray, labels: np.ndarray, path: str) -> None:
     points = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", s=6, vmin=-0.5, vmax=9.5)
     fig.colorbar(points, ax=ax, ticks=range(10), label="label")
     ax.set(xlabel=xlabel, ylabel=ylabel, title="test set: mean of q(z|x)")
-    _save(fig, path)
+    save_figure(fig, path)
