@@ -15,6 +15,7 @@ cluster: decoder means for z ~ p(z|c)) and DIR/history_<dataset>.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -73,10 +74,20 @@ def run_dataset(name, cfg, args):
     g = GMVAE(splits.data_dim, num_clusters=cfg["num_clusters"], **dcfg["model"])
     tcfg = TrainConfig(**{**dcfg["train"], **({"epochs": args.epochs} if args.epochs else {})})
     t0 = time.time()
-    with tempfile.TemporaryDirectory() as run_dir:
-        result = fit(g, splits, TraceEnum_ELBO(max_plate_nesting=1), tcfg, run_dir, seed=seed, progress=False,
-                     log=lambda r: print(name, {k: round(v, 2) for k, v in r.items()}, flush=True))
-    train_s = time.time() - t0
+    saved = os.path.join(args.checkpoint_dir, f"gmvae_{name}.pt") if args.checkpoint_dir else None
+    if args.eval_only:  # reuse the model trained by an earlier invocation with --checkpoint-dir
+        state = torch.load(saved)
+        g.load_state_dict(state["model"])
+        result, train_s = state["fit"], state["train_seconds"]  # plain dicts and floats
+    else:
+        with tempfile.TemporaryDirectory() as run_dir:
+            result = fit(g, splits, TraceEnum_ELBO(max_plate_nesting=1), tcfg, run_dir, seed=seed, progress=False,
+                         log=lambda r: print(name, {k: round(v, 2) for k, v in r.items()}, flush=True))
+        train_s = time.time() - t0
+        result = dataclasses.asdict(result)
+        if saved:
+            os.makedirs(args.checkpoint_dir, exist_ok=True)
+            torch.save({"model": g.state_dict(), "fit": result, "train_seconds": train_s}, saved)
     g.eval()
     test_x = binarize_fixed(splits.test_x, TEST_BINARIZATION_SEED)
     torch.manual_seed(seed)
@@ -96,10 +107,10 @@ def run_dataset(name, cfg, args):
     km = kmeans_accuracy(splits, cfg["num_clusters"], cfg["kmeans"]["n_init"], seed)
     samples_figure(g, splits, train_clusters, os.path.join(args.out, f"samples_{name}.png"))
     with open(os.path.join(args.out, f"history_{name}.json"), "w") as f:
-        json.dump(result.history, f)
+        json.dump(result["history"], f)
     return {
-        "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
-        "best_val_elbo": result.best_val_elbo, "train_seconds": round(train_s, 1),
+        "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
+        "stopped_early": result["stopped_early"], "best_val_elbo": result["best_val_elbo"], "train_seconds": round(train_s, 1),
         "test_elbo": test["elbo"], "test_log_lik": test["log_lik"], "test_kl": test["kl"],
         "test_log_px": est.log_px.mean().item(), "test_log_px_sem": est.summary()["log_px_sem"],
         "log_px_num_samples": K, "log_px_seconds": round(eval_s, 1),
@@ -124,6 +135,8 @@ def main():
     p.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"])
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     p.add_argument("--num-samples", type=int, default=None, help="override eval_num_samples (K)")
+    p.add_argument("--checkpoint-dir", default=None, help="save the trained model here (gmvae_<dataset>.pt)")
+    p.add_argument("--eval-only", action="store_true", help="load the model from --checkpoint-dir, skip training")
     p.add_argument("--out", default=os.path.join(HERE, "figures"))
     args = p.parse_args()
     with open(args.config) as f:
@@ -134,8 +147,8 @@ def main():
     results = json.load(open(path)) if os.path.exists(path) else {}
     for name in args.datasets:
         results[name] = {"command": "python experiments/gmvae/run.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if v is not None and k not in ("config", "out", "datasets")) + f" --datasets {name}",
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+            if v not in (None, False) and k not in ("config", "out", "datasets")) + f" --datasets {name}",
             **run_dataset(name, cfg, args)}
         print(json.dumps({name: results[name]}, indent=1), flush=True)
         with open(path, "w") as f:
