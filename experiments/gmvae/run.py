@@ -8,8 +8,9 @@ Per dataset it trains a GMVAE with ``TraceEnum_ELBO(max_plate_nesting=1)`` via `
     test ELBO (analytic KLs), test log p(x) = estimate_log_px(model, sampled_guide, K),
     a cross-check of that estimate against log_px_enumerated on a subset,
     clustering accuracy (Hungarian matching) of argmax_c q(c|x) and of k-means on the grey pixels.
-Writes DIR/results.json (merged across invocations), DIR/samples_<dataset>.png (one row per
-cluster: decoder means for z ~ p(z|c)) and DIR/history_<dataset>.json.
+Writes DIR/results.json (merged across invocations; key = dataset, or dataset_<N>epochs
+with --epochs N), DIR/samples_<key>.png (one row per
+cluster: decoder means for z ~ p(z|c)) and DIR/history_<key>.json.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def samples_figure(g, splits, train_clusters, path, per_cluster=10):
     plt.close(fig)
 
 
-def run_dataset(name, cfg, args):
+def run_dataset(name, key, cfg, args):
     dcfg = cfg["datasets"][name]
     seed = cfg["seed"]
     torch.manual_seed(seed)
@@ -74,7 +75,7 @@ def run_dataset(name, cfg, args):
     g = GMVAE(splits.data_dim, num_clusters=cfg["num_clusters"], **dcfg["model"])
     tcfg = TrainConfig(**{**dcfg["train"], **({"epochs": args.epochs} if args.epochs else {})})
     t0 = time.time()
-    saved = os.path.join(args.checkpoint_dir, f"gmvae_{name}.pt") if args.checkpoint_dir else None
+    saved = os.path.join(args.checkpoint_dir, f"gmvae_{key}.pt") if args.checkpoint_dir else None
     if args.eval_only:  # reuse the model trained by an earlier invocation with --checkpoint-dir
         state = torch.load(saved)
         g.load_state_dict(state["model"])
@@ -105,8 +106,8 @@ def run_dataset(name, cfg, args):
     train_clusters = g.predict_cluster(binarize_fixed(splits.train_x, TEST_BINARIZATION_SEED))
     test_clusters = g.predict_cluster(test_x)
     km = kmeans_accuracy(splits, cfg["num_clusters"], cfg["kmeans"]["n_init"], seed)
-    samples_figure(g, splits, train_clusters, os.path.join(args.out, f"samples_{name}.png"))
-    with open(os.path.join(args.out, f"history_{name}.json"), "w") as f:
+    samples_figure(g, splits, train_clusters, os.path.join(args.out, f"samples_{key}.png"))
+    with open(os.path.join(args.out, f"history_{key}.json"), "w") as f:
         json.dump(result["history"], f)
     return {
         "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
@@ -144,13 +145,15 @@ def main():
     torch.set_num_threads(cfg.get("threads", 1))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
-    results = json.load(open(path)) if os.path.exists(path) else {}
     for name in args.datasets:
-        results[name] = {"command": "python experiments/gmvae/run.py " + " ".join(
+        key = name + (f"_{args.epochs}epochs" if args.epochs else "")  # overrides get their own entry
+        entry = {"command": "python experiments/gmvae/run.py " + " ".join(
             f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
             if v not in (None, False) and k not in ("config", "out", "datasets")) + f" --datasets {name}",
-            **run_dataset(name, cfg, args)}
-        print(json.dumps({name: results[name]}, indent=1), flush=True)
+            **run_dataset(name, key, cfg, args)}
+        print(json.dumps({key: entry}, indent=1), flush=True)
+        results = json.load(open(path)) if os.path.exists(path) else {}  # re-read: runs may go in parallel
+        results[key] = entry
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
 
