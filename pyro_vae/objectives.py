@@ -270,7 +270,9 @@ def _scaled_log_prob(site, value) -> torch.Tensor:
 
 def _site_scale(site) -> torch.Tensor:
     shape = site["fn"].batch_shape
-    return torch.as_tensor(site["scale"], dtype=torch.get_default_dtype()).expand(shape)
+    value = site["value"]
+    dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
+    return torch.as_tensor(site["scale"], dtype=dtype, device=value.device).expand(shape)
 
 
 def _latent_sites(guide_tr, estimator):
