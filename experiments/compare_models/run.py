@@ -81,12 +81,12 @@ def train(conf, variant, seeds, epochs, num_samples):
               f"train {trained - start:.0f} s, eval {time.perf_counter() - trained:.0f} s", flush=True)
 
 
-def table(conf):
+def table(conf, root=RUNS, out="results"):
     rows = []
     for variant in conf["variants"]:
         runs = []
-        for seed_dir in sorted(os.listdir(os.path.join(RUNS, variant))) if os.path.isdir(os.path.join(RUNS, variant)) else []:
-            path = os.path.join(RUNS, variant, seed_dir)
+        for seed_dir in sorted(os.listdir(os.path.join(root, variant))) if os.path.isdir(os.path.join(root, variant)) else []:
+            path = os.path.join(root, variant, seed_dir)
             if os.path.exists(os.path.join(path, "evaluation.json")):
                 with open(os.path.join(path, "summary.json")) as f:
                     summary = json.load(f)
@@ -107,7 +107,7 @@ def table(conf):
             "epochs_run": " ".join(str(s["epochs_run"]) for _, s, _ in runs),
             "train_minutes": round(sum(s["train_seconds"] for _, s, _ in runs) / 60 / len(runs), 1),
         })
-    with open(os.path.join(HERE, "results.csv"), "w", newline="") as f:
+    with open(os.path.join(HERE, out + ".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -129,6 +129,8 @@ def main():
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--num-samples", type=int)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs-dir", default=RUNS, help="table: where the runs are")
+    parser.add_argument("--out", default="results", help="table: basename of the CSV written here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     conf = load_config()
@@ -140,7 +142,7 @@ def main():
         train(conf, args.variant, args.seeds or conf["seeds"], args.epochs,
               args.num_samples or conf["eval_num_samples"])
     else:
-        table(conf)
+        table(conf, args.runs_dir, args.out)
 
 
 if __name__ == "__main__":
