@@ -48,12 +48,13 @@ class ClusterEncoder(nn.Module):
     W x + b, so x goes through it once and c broadcasts (enumerated c has shape (C, 1), a sampled
     one (N,) or (particles, N))."""
 
-    def __init__(self, data_dim, latent_dim, num_clusters, hidden: Sequence[int], activation: str):
+    def __init__(self, data_dim, latent_dim, num_clusters, hidden: Sequence[int], activation: str,
+                 embedding_std: float = 1.0):
         super().__init__()
         hidden = list(hidden)
         self.input = nn.Linear(data_dim, hidden[0])
         self.cluster = nn.Embedding(num_clusters, hidden[0])
-        nn.init.normal_(self.cluster.weight, std=0.1)
+        nn.init.normal_(self.cluster.weight, std=embedding_std)
         self.act = ACTIVATIONS[activation]()
         self.rest = mlp([*hidden, 2 * latent_dim], activation)
 
@@ -67,8 +68,13 @@ class GMVAE(nn.Module):
     """Gaussian-mixture VAE with ``num_clusters`` clusters, a ``latent_dim``-dimensional z and a
     Bernoulli decoder; encoders and decoder are tanh MLPs with layer sizes ``hidden``.
 
-    :param prior_spread: the cluster means μ_c start as ``prior_spread`` · N(0, I) (σ_c at 1), so
-        the clusters start apart and q(c | x) has something to choose between.
+    :param prior_spread: the cluster means μ_c start as ``prior_spread`` · N(0, I) (σ_c at 1).
+        The default 0 starts every p(z|c) at N(0, I): with random μ_c, the cluster whose μ_c lies
+        nearest the encoder's initial outputs has the smallest KL for *every* x, q(c|x) sends all
+        points there within the first epoch and the mixture collapses to one cluster (seen on
+        mnist5k with spread 1 and 3; experiments/gmvae). Symmetry is broken by the encoder instead:
+    :param embedding_std: scale of the random per-cluster vectors added in q(z|x,c)'s first layer, so
+        the C branches of q(z|x,c) differ from the start and pull the μ_c apart.
     :param learn_weights: learn π (softmax of logits) instead of keeping it uniform.
 
     Parameters live in this module and are registered with Pyro's param store under a name unique to
@@ -76,7 +82,8 @@ class GMVAE(nn.Module):
 
     def __init__(self, data_dim: int, latent_dim: int = 10, num_clusters: int = 10,
                  hidden: Sequence[int] = (200, 200), activation: str = "tanh",
-                 prior_spread: float = 1.0, learn_weights: bool = False, name: str | None = None):
+                 prior_spread: float = 0.0, embedding_std: float = 1.0, learn_weights: bool = False,
+                 name: str | None = None):
         super().__init__()
         if num_clusters < 1 or latent_dim < 1 or data_dim < 1:
             raise ValueError(f"data_dim, latent_dim and num_clusters must be >= 1, got "
@@ -84,7 +91,7 @@ class GMVAE(nn.Module):
         self.data_dim, self.latent_dim, self.num_clusters = int(data_dim), int(latent_dim), int(num_clusters)
         self.likelihood = BernoulliLikelihood(data_dim, latent_dim, hidden, activation)
         self.cluster_encoder = mlp([data_dim, *hidden, num_clusters], activation)  # logits of q(c|x)
-        self.latent_encoder = ClusterEncoder(data_dim, latent_dim, num_clusters, hidden, activation)
+        self.latent_encoder = ClusterEncoder(data_dim, latent_dim, num_clusters, hidden, activation, embedding_std)
         self.prior_locs = nn.Parameter(prior_spread * torch.randn(num_clusters, latent_dim))
         self.prior_raw_scales = nn.Parameter(torch.full((num_clusters, latent_dim), math.log(math.e - 1)))
         if learn_weights:

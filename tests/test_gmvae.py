@@ -146,7 +146,11 @@ def test_short_fit_on_digits_subset_is_finite(tmp_path):
     assert result.epochs_run == 3 and math.isfinite(result.best_val_elbo)
     assert all(math.isfinite(v) for r in result.history for v in r.values())
     assert result.history[-1]["train_elbo"] > result.history[0]["train_elbo"] - 5  # no blow-up
-    assert 0 <= cluster_accuracy(splits.test_y, g.predict_cluster(torch.bernoulli(splits.test_x))) <= 1
+    clusters = g.predict_cluster(torch.bernoulli(splits.test_x))
+    assert 0 <= cluster_accuracy(splits.test_y, clusters) <= 1
+    # the default init (all p(z|c) at N(0, I), distinct q(z|x,c) branches) does not collapse q(c|x)
+    # onto one cluster in the first epochs, as random cluster means did on mnist5k
+    assert clusters.unique().numel() > 1
 
 
 def test_svi_with_pyro_optimizer_and_separate_param_stores():
