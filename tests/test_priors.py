@@ -104,5 +104,5 @@ def test_bad_prior_options_say_what_is_allowed():
         FlowPrior(1)
     with pytest.raises(ValueError, match="has no option 'num_componets'; its options are: num_components"):
         PRIORS.build("mixture", {"num_componets": 3}, latent_dim=2)
-    with pytest.raises(ValueError, match="unknown prior 'vampp'; choose one of: flow, mixture, standard_normal, vamp"):
+    with pytest.raises(ValueError, match="unknown prior 'vampp'; choose one of: flow, mixture, standard_normal, (.*, )?vamp"):
         PRIORS.get("vampp")
