@@ -72,7 +72,10 @@ class GMVAE(nn.Module):
         The default 0 starts every p(z|c) at N(0, I): with random μ_c, the cluster whose μ_c lies
         nearest the encoder's initial outputs has the smallest KL for *every* x, q(c|x) sends all
         points there within the first epoch and the mixture collapses to one cluster (seen on
-        mnist5k with spread 1 and 3; experiments/gmvae). Symmetry is broken by the encoder instead:
+        mnist5k with spread 1 and 3; experiments/gmvae). Symmetry is broken by the encoder instead.
+        The price: the μ_c then stay close and clusters need not align with classes. On digits,
+        ``prior_spread=1, embedding_std=0.1`` did not collapse and clustered better (accuracy 0.68
+        vs 0.34), so try both; neither is a cure (see experiments/gmvae/figures/results.json).
     :param embedding_std: scale of the random per-cluster vectors added in q(z|x,c)'s first layer, so
         the C branches of q(z|x,c) differ from the start and pull the μ_c apart.
     :param learn_weights: learn π (softmax of logits) instead of keeping it uniform.
