@@ -43,6 +43,13 @@ class Likelihood(nn.Module):
         return self(z).mean
 
 
+def _check_range(x, what, name, lo_ok, hi_ok, hint):
+    lo, hi = float(x.min()), float(x.max())
+    if lo < lo_ok or hi > hi_ok:
+        raise ValueError(f"{what} lies in [{lo:g}, {hi:g}] but the {name} likelihood needs values in "
+                         f"[{lo_ok:g}, {hi_ok:g}]; {hint}")
+
+
 @LIKELIHOODS.register("bernoulli")
 class BernoulliLikelihood(Likelihood):
     """p(x|z) = prod_d Bernoulli(x_d; sigmoid(f(z))_d), f a decoder MLP ``latent -> hidden -> D``.
@@ -58,22 +65,10 @@ class BernoulliLikelihood(Likelihood):
 
     def check_data(self, x, what="data"):
         super().check_data(x, what)
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0 or hi > 1:
-            raise ValueError(
-                f"{what} lies in [{lo:g}, {hi:g}] but the bernoulli likelihood needs values in "
-                f"[0, 1]; rescale it (e.g. divide by the maximum pixel value)"
-            )
+        _check_range(x, what, "bernoulli", 0, 1, "rescale it (e.g. divide by the maximum pixel value)")
 
     def forward(self, z):
         return dist.Bernoulli(logits=self.net(z)).to_event(1)
-
-
-def _check_range(x, what, name, lo_ok, hi_ok, hint):
-    lo, hi = float(x.min()), float(x.max())
-    if lo < lo_ok or hi > hi_ok:
-        raise ValueError(f"{what} lies in [{lo:g}, {hi:g}] but the {name} likelihood needs values in "
-                         f"[{lo_ok:g}, {hi_ok:g}]; {hint}")
 
 
 @LIKELIHOODS.register("continuous_bernoulli")
