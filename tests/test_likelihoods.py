@@ -97,3 +97,18 @@ def test_bad_likelihood_options():
     with pytest.raises(ValueError, match="unknown likelihood 'poisson'; choose one of: bernoulli, categorical, "
                                          "continuous_bernoulli, gaussian"):
         LIKELIHOODS.get("poisson")
+
+
+def test_bernoulli_log_prob_and_gradient_equal_torch():
+    """The likelihood's Bernoulli negates in place; values and gradients are torch's Bernoulli's."""
+    torch.manual_seed(0)
+    lik = BernoulliLikelihood(data_dim=6, latent_dim=3, hidden=[5])
+    z, x = torch.randn(4, 2, 3), torch.bernoulli(torch.full((2, 6), 0.4))
+    ours = lik(z).log_prob(x)
+    ours_grad = torch.autograd.grad(ours.sum(), list(lik.parameters()))
+    theirs = torch.distributions.Bernoulli(logits=lik.net(z)).log_prob(x).sum(-1)
+    theirs_grad = torch.autograd.grad(theirs.sum(), list(lik.parameters()))
+    assert ours.shape == (4, 2)
+    assert torch.equal(ours, theirs)
+    for a, b in zip(ours_grad, theirs_grad):
+        assert torch.equal(a, b)

@@ -221,23 +221,29 @@ def main():
     if args.memory:
         return peak_memory(vae, cfg, x, K, args.memory, args.max_batch, args.threads)
     x, subset = x[:n], x[:args.subset]
-    print(f"K={K}, {n} mnist5k test images, torch threads {torch.get_num_threads()}, repeats {args.repeats}")
+    print(f"K={K}, {n} mnist5k test images, torch threads {torch.get_num_threads()}, repeats {args.repeats}",
+          flush=True)
 
     rows = []  # (name, images timed, seconds per repeat, mean log p(x) on the timed images)
     ours_t, hand_t = [], []
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both alike
-        t, ours = timed(lambda: estimate_log_px(vae.model, vae.guide, x, K, max_batch=args.max_batch,
-                                                progress=False, warn=False), 1)
+        with vae.without_param_store():  # as `pyro-vae evaluate` (pyro_vae.experiment) calls it
+            t, ours = timed(lambda: estimate_log_px(vae.model, vae.guide, x, K, max_batch=args.max_batch,
+                                                    progress=False, warn=False), 1)
         ours_t += t
         t, hand = timed(lambda: hand_written_iwae(vae, x, K, args.max_batch), 1)
         hand_t += t
+        print(f"  estimate_log_px {ours_t[-1]:.1f} s, hand-written {hand_t[-1]:.1f} s", flush=True)
     rows.append(("estimate_log_px (ours)", n, ours_t, ours.log_px.mean().item()))
     rows.append(("hand-written IWAE", n, hand_t, hand.mean().item()))
     t, imp = timed(lambda: pyro_importance(vae, subset, K), args.repeats)
+    print(f"  pyro.infer.Importance on {len(subset)} images: {[round(v, 1) for v in t]} s", flush=True)
     rows.append(("pyro.infer.Importance", len(subset), t, imp.mean().item()))
     for batch_size in (100, K):  # pythae's default, and all K samples of an image in one batch
         out = pythae_get_nll(vae, subset, K, batch_size, args.threads, args.repeats)
         if out:
+            print(f"  pythae batch_size={batch_size} on {len(subset)} images: {[round(v, 1) for v in out[0]]} s",
+                  flush=True)
             rows.append((f"pythae get_nll (batch_size={batch_size})", len(subset), *out))
 
     ours_rate = n / statistics.median(ours_t)
