@@ -2,11 +2,12 @@
 
 import math
 
+import pyro.distributions as dist
 import pytest
 import torch
 
 from pyro_vae.guides import DiagonalNormalGuide
-from pyro_vae.priors import PRIORS, FlowPrior, MixturePrior, StandardNormalPrior, VampPrior
+from pyro_vae.priors import PRIORS, DiagonalNormalMixture, FlowPrior, MixturePrior, StandardNormalPrior, VampPrior
 
 
 def normal_log_pdf(z, loc, scale):
@@ -106,3 +107,19 @@ def test_bad_prior_options_say_what_is_allowed():
         PRIORS.build("mixture", {"num_componets": 3}, latent_dim=2)
     with pytest.raises(ValueError, match="unknown prior 'vampp'; choose one of: flow, mixture, standard_normal, (.*, )?vamp"):
         PRIORS.get("vampp")
+
+
+def test_diagonal_normal_mixture_matches_broadcast_scoring_under_a_plate_and_far_from_zero():
+    """The matrix-product scoring equals torch's MixtureSameFamily computed in float64, in float32
+    with components far from the origin and narrow (where the expanded quadratic cancels), and
+    under the batch shape a particle plate × data plate gives it."""
+    torch.manual_seed(0)
+    K, D = 7, 4
+    logits, locs, scales = torch.randn(K), 20 + torch.randn(K, D), 0.05 + torch.rand(K, D)
+    fast = DiagonalNormalMixture(logits, locs, scales).expand((3, 5))
+    z = locs[torch.randint(K, (3, 5))] + 0.1 * torch.randn(3, 5, D)
+    exact = dist.MixtureSameFamily(dist.Categorical(logits=logits.double()),
+                                   dist.Normal(locs.double(), scales.double()).to_event(1)).log_prob(z.double())
+    assert fast.batch_shape == (3, 5) and fast.log_prob(z).dtype == torch.float32
+    assert torch.allclose(fast.log_prob(z).double(), exact, rtol=1e-6, atol=1e-5)
+    assert fast.sample((2,)).shape == (2, 3, 5, D)
