@@ -52,11 +52,16 @@ class MixturePrior(Prior):
     all of pi, m and s learned. Means start at N(0, init_spread^2) draws, scales at 1, weights equal.
     There is no closed-form KL(q || p): objectives fall back to Monte Carlo (see ``mean_field``).
 
+    The small default spread starts p(z) close to N(0, I). At spread 1 in 50 dimensions the
+    components start ~10 apart, the encoder settles on a few of them and the weights follow: on
+    mnist5k (500 components, 100 epochs) 5 components kept the mass, scales and means barely moved
+    from their start, and test log p(x) ended 12 nats below the standard-normal prior's.
+
     :param num_components: K >= 1.
     :param init_spread: standard deviation of the initial means (0 makes all components equal).
     """
 
-    def __init__(self, latent_dim: int, num_components: int = 10, init_spread: float = 1.0):
+    def __init__(self, latent_dim: int, num_components: int = 10, init_spread: float = 0.1):
         super().__init__(latent_dim)
         if int(num_components) != num_components or num_components < 1:
             raise ValueError(f"prior.num_components must be an integer >= 1, got {num_components!r}")

@@ -22,10 +22,13 @@ def test_diagonal_normal_matches_torch_normal():
 
 def test_full_normal_matches_torch_multivariate_normal_with_covariance_L_Lt():
     torch.manual_seed(0)
-    guide, x = FullNormalGuide(6, 3, hidden=[8]), torch.rand(4, 6)
+    guide, x = FullNormalGuide(6, 3, hidden=[8], off_diagonal_scale=0.5), torch.rand(4, 6)
+    assert (guide(x).scale_tril.tril(-1) == 0).all()  # starts diagonal: the off-diagonal head is zero
+    with torch.no_grad():
+        guide.net[-1].weight[6:].normal_()  # give the off-diagonal head something to place
     out = guide.net(x)
-    loc, diag, off = out[:, :3], F.softplus(out[:, 3:6]) + MIN_SCALE, out[:, 6:]
-    assert off.shape == (4, 3)  # d(d-1)/2 strictly lower entries
+    loc, diag, off = out[:, :3], F.softplus(out[:, 3:6]) + MIN_SCALE, 0.5 * out[:, 6:]
+    assert off.shape == (4, 3) and (off != 0).all()  # d(d-1)/2 strictly lower entries
     L = torch.zeros(4, 3, 3)
     L[:, range(3), range(3)] = diag
     L[:, [1, 2, 2], [0, 0, 1]] = off
@@ -93,6 +96,8 @@ def test_guides_broadcast_over_particle_and_data_plates(name):
 
 
 def test_bad_guide_options():
+    with pytest.raises(ValueError, match="off_diagonal_scale must be > 0"):
+        FullNormalGuide(4, 2, off_diagonal_scale=0)
     with pytest.raises(ValueError, match="num_flows must be an integer >= 1"):
         IAFGuide(4, 2, num_flows=0)
     with pytest.raises(ValueError, match="latent_dim >= 2"):

@@ -103,6 +103,8 @@ def table(conf, root=RUNS, out="results"):
             "test_elbo": round(elbo.mean().item(), 2), "test_elbo_se": round(se(elbo), 2),
             "test_log_px": round(log_px.mean().item(), 2), "test_log_px_se": round(se(log_px), 2),
             "num_samples": runs[0][2]["num_samples"],
+            "frac_pareto_k_above_0.7": round(sum(e["fraction_pareto_k_above_0.7"] for _, _, e in runs) / len(runs), 2),
+            "median_ess": round(sum(e["median_ess"] for _, _, e in runs) / len(runs), 1),
             "best_epochs": " ".join(str(s["best_epoch"]) for _, s, _ in runs),
             "epochs_run": " ".join(str(s["epochs_run"]) for _, s, _ in runs),
             "train_minutes": round(sum(s["train_seconds"] for _, s, _ in runs) / 60 / len(runs), 1),
@@ -111,11 +113,12 @@ def table(conf, root=RUNS, out="results"):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| variant | seeds | test ELBO | test log p(x) | K | best epoch (per seed) | epochs run | train min/run |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | test ELBO | test log p(x) | K | k̂ > 0.7 | median ESS | best epoch (per seed) | "
+             "epochs run | train min/run |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['test_elbo']:.2f} ± {r['test_elbo_se']:.2f} | "
-                     f"{r['test_log_px']:.2f} ± {r['test_log_px_se']:.2f} | {r['num_samples']} | {r['best_epochs']} | "
+                     f"{r['test_log_px']:.2f} ± {r['test_log_px_se']:.2f} | {r['num_samples']} | "
+                     f"{r['frac_pareto_k_above_0.7']:.2f} | {r['median_ess']:.1f} | {r['best_epochs']} | "
                      f"{r['epochs_run']} | {r['train_minutes']} |")
     print("\n".join(lines))
     return lines
