@@ -85,7 +85,9 @@ def fit(vae, splits: Splits, objective, cfg: TrainConfig, run_dir: str, seed: in
     train_x = splits.train_x.to(device)
     n = len(train_x)
     val_x = fixed(splits.val_x, VAL_BINARIZATION_SEED).to(device)
-    train_eval_x = fixed(splits.train_x[: max(len(val_x), 500)], TRAIN_EVAL_BINARIZATION_SEED).to(device)
+    # A fixed random subset: the training split may be sorted by label (mnist5k), so its head is not a sample.
+    subset = torch.randperm(n, generator=torch.Generator().manual_seed(TRAIN_EVAL_BINARIZATION_SEED))
+    train_eval_x = fixed(splits.train_x[subset[: max(len(val_x), 500)]], TRAIN_EVAL_BINARIZATION_SEED).to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     checkpoint = os.path.join(run_dir, "checkpoint.pt")
     result = FitResult(0, -math.inf, 0, False)
