@@ -122,12 +122,11 @@ def evaluate_run(run_dir: str, num_samples: int = 5000, progress: bool = True) -
     test_x = _test_data(vae, splits)
     estimate = _log_px(vae, test_x, cfg, num_samples, progress)
     log_px, elbo = _mean_se(estimate.log_px), _mean_se(estimate.elbo)
-    k_hat = estimate.pareto_k[torch.isfinite(estimate.pareto_k)]
     result = {"run_dir": os.path.abspath(run_dir), "num_samples": num_samples, "num_test": len(test_x),
               "log_px": log_px, "elbo": elbo, "gap": log_px["mean"] - elbo["mean"],
               "log_px_by_k": {str(k): _mean_se(v) for k, v in estimate.log_px_by_k.items()},
               "mean_mc_stderr": estimate.stderr.mean().item(), "median_ess": estimate.ess.median().item(),
-              "fraction_pareto_k_above_0.7": (k_hat > 0.7).double().mean().item() if len(k_hat) else None}
+              "fraction_pareto_k_above_0.7": estimate.fraction_pareto_k_above(0.7)}
     from .figures import save_figure
     from .plots_log_px import plot_log_px_vs_k
 

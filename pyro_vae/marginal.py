@@ -70,6 +70,12 @@ class LogPxEstimate:
         """{K': mean over data points of log p̂_K'} — E[log p̂_K'] rises with K' toward log p(x)."""
         return {k: v.mean().item() for k, v in self.log_px_by_k.items()}
 
+    def fraction_pareto_k_above(self, threshold: float = 0.7) -> float | None:
+        """Fraction of the points with a fitted k̂ (not NaN: K ≥ 50) whose k̂ exceeds ``threshold``;
+        +inf (one weight dominates) counts as above. None when no point has a k̂."""
+        fitted = self.pareto_k[~torch.isnan(self.pareto_k)]
+        return (fitted > threshold).double().mean().item() if len(fitted) else None
+
     def summary(self) -> dict:
         """Dataset means (nats per data point) and diagnostics, as plain floats."""
         n = self.log_px.numel()
@@ -78,7 +84,7 @@ class LogPxEstimate:
                 "log_px_sem": (self.log_px.std() / math.sqrt(n)).item() if n > 1 else float("nan"),
                 "elbo": self.elbo.mean().item(), "ess_median": self.ess.median().item(),
                 "pareto_k_max": self.pareto_k.max().item(),
-                "frac_pareto_k_above_0.7": (self.pareto_k > 0.7).double().mean().item()}
+                "frac_pareto_k_above_0.7": self.fraction_pareto_k_above(0.7)}
 
 
 def estimate_log_px(model, guide, x: torch.Tensor, num_samples: int = 1000, *, method: str = "guide",

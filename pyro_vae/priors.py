@@ -102,11 +102,10 @@ class DiagonalNormalMixture(dist.TorchDistribution):
     def log_prob(self, z):
         if self._validate_args:
             self._validate_sample(z)
-        precision = self.scales.double().pow(-2)                                    # (K, D)
-        m = self.locs.double()
-        z64 = z.double()
+        s, m, z64 = self.scales.double(), self.locs.double(), z.double()             # (K, D), (K, D), (..., D)
+        precision = s.pow(-2)
         quad = z64.pow(2) @ precision.T - 2 * z64 @ (m * precision).T + (m.pow(2) * precision).sum(-1)
-        log_norm = self.scales.double().log().sum(-1) + 0.5 * m.shape[-1] * math.log(2 * math.pi)
+        log_norm = s.log().sum(-1) + 0.5 * m.shape[-1] * math.log(2 * math.pi)
         log_p = (torch.log_softmax(self.logits.double(), -1) - 0.5 * quad - log_norm).logsumexp(-1)
         return log_p.to(z.dtype).expand(torch.broadcast_shapes(log_p.shape, self.batch_shape))
 

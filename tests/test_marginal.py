@@ -16,7 +16,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 from pyro.ops.stats import fit_generalized_pareto
 
-from pyro_vae.marginal import estimate_log_px, pareto_k_hat
+from pyro_vae.marginal import LogPxEstimate, estimate_log_px, pareto_k_hat
 from pyro_vae.models.gaussian_mixture import GaussianMixture
 from pyro_vae.models.linear_gaussian import LinearGaussian, LinearGaussianGuide
 
@@ -458,3 +458,13 @@ def test_gaussian_mixture_full_covariance_prior_and_guide_at_K_5000():
     for method, proposal in [("guide", guide), ("prior", None)]:
         result = estimate(gm.model, proposal, x, 5000, method=method)
         assert_within_stderr(result, gm.log_px(x))
+
+
+def test_fraction_pareto_k_above_counts_fitted_points_and_a_dominant_weight():
+    k = torch.tensor([0.2, 0.9, math.inf, -math.inf, math.nan], dtype=torch.float64)
+    est = LogPxEstimate(log_px=torch.zeros(5), elbo=torch.zeros(5), stderr=torch.zeros(5),
+                        elbo_stderr=torch.zeros(5), ess=torch.ones(5), pareto_k=k, num_samples=100, method="guide")
+    assert est.fraction_pareto_k_above(0.7) == 2 / 4  # 0.9 and +inf of the four fitted points
+    assert est.summary()["frac_pareto_k_above_0.7"] == 0.5
+    none = LogPxEstimate(**{**est.__dict__, "pareto_k": torch.full((5,), math.nan, dtype=torch.float64)})
+    assert none.fraction_pareto_k_above(0.7) is None

@@ -116,7 +116,7 @@ def run_dataset(name, key, cfg, args):
         "test_log_px": est.log_px.mean().item(), "test_log_px_sem": est.summary()["log_px_sem"],
         "log_px_num_samples": K, "log_px_seconds": round(eval_s, 1),
         "log_px_stderr_median": est.stderr.median().item(), "pareto_k_max": est.pareto_k.max().item(),
-        "frac_pareto_k_above_0.7": (est.pareto_k > 0.7).double().mean().item(),
+        "frac_pareto_k_above_0.7": est.fraction_pareto_k_above(0.7),
         "log_px_by_k": est.mean_log_px_by_k(),
         "crosscheck": {"num_points": len(sub), "enumerated_K_per_cluster": cc["num_samples"],
                        "enumerated_log_px": enum_sub.mean().item(),
