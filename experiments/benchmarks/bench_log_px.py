@@ -184,7 +184,7 @@ def peak_memory(vae, cfg, x, K: int, images: int, max_batch: int, threads: int) 
 
 
 def memory_worker(folder: str, K: int, max_batch: int) -> None:
-    inputs = torch.load(os.path.join(folder, "inputs.pt"), weights_only=False)
+    inputs = torch.load(os.path.join(folder, "inputs.pt"), weights_only=True)  # tensors and plain config
     vae, x = build_vae(inputs["cfg"], inputs["x"].shape[1]), inputs["x"]
     vae.load_state_dict(inputs["state"])
     vae.eval()
