@@ -83,9 +83,9 @@ class DiagonalNormalMixture(dist.TorchDistribution):
         log N(z; m_k, s_k) = −½ (z² · s_k⁻² − 2 z · m_k s_k⁻² + Σ_d m_kd² s_kd⁻²) − Σ_d log s_kd − (D/2) log 2π
 
     in float64, where the three terms' cancellation near m_k costs nothing. Broadcasting z against
-    (K, D) instead builds a (particles × points × K × D) tensor: for K = 500 components, 5000
-    particles and D = 50, 30× slower per log p(x) pass. The parameters stay (K, D); ``expand`` only
-    records the batch shape the data plate asks for.
+    (K, D) instead builds a (particles × points × K × D) tensor: with 500 components, the mnist5k
+    test log p(x) took 39 min at 1000 particles that way, and takes 3–5 min at 5000 this way. The
+    parameters stay (K, D); ``expand`` only records the batch shape the data plate asks for.
     """
 
     arg_constraints = {}
