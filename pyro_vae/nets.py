@@ -11,7 +11,14 @@ ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "softplus": nn.S
 
 def mlp(sizes: Sequence[int], activation: str = "tanh") -> nn.Sequential:
     """A multilayer perceptron ``sizes[0] -> ... -> sizes[-1]``, with ``activation`` after every
-    layer but the last (whose output is a distribution's raw parameters)."""
+    layer but the last (whose output is a distribution's raw parameters).
+
+    Every weight is drawn N(0, 2 / fan_in) (He et al. 2015) and every bias is zero, as in the
+    VampPrior's reference code (Tomczak & Welling 2018). torch's default, U(+-1/sqrt(fan_in)),
+    shrinks the signal about sqrt(3)-fold a layer: an encoder 784-200-200-100 then starts almost
+    independent of x (spread of mu(x) over mnist5k images 0.03 vs 0.19), every VAE spends ~10
+    epochs of mnist5k at the mean image, and the VampPrior, whose KL is zero for an encoder that
+    ignores x, never leaves it (experiments/compare_models/results.md)."""
     if activation not in ACTIVATIONS:
         raise ValueError(
             f"unknown activation {activation!r}; choose one of: {', '.join(sorted(ACTIVATIONS))}"
@@ -20,7 +27,10 @@ def mlp(sizes: Sequence[int], activation: str = "tanh") -> nn.Sequential:
         raise ValueError(f"an MLP needs at least two positive layer sizes, got {list(sizes)}")
     layers = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(int(n_in), int(n_out)))
+        linear = nn.Linear(int(n_in), int(n_out))
+        nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+        nn.init.zeros_(linear.bias)
+        layers.append(linear)
         if i < len(sizes) - 2:
             layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
