@@ -1,0 +1,29 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pyro_vae.nets import mlp
+
+
+def test_mlp_is_he_initialized():
+    """Weights ~ N(0, 2 / fan_in), biases 0: the sample variance of each layer's n weights is within
+    5 standard errors (sqrt(2 / n) relative, for a normal sample) of 2 / fan_in."""
+    torch.manual_seed(0)
+    net = mlp([784, 200, 200, 100], "tanh")
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    assert [type(m) for m in net] == [nn.Linear, nn.Tanh, nn.Linear, nn.Tanh, nn.Linear]
+    for layer in linears:
+        w, n = layer.weight.detach().double(), layer.weight.numel()
+        ratio = w.var() / (2.0 / layer.in_features)
+        assert abs(ratio - 1) < 5 * math.sqrt(2.0 / n), (layer, ratio)
+        assert abs(w.mean()) < 5 * math.sqrt(2.0 / layer.in_features / n)
+        assert (layer.bias == 0).all()
+
+
+def test_mlp_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown activation 'gelu'; choose one of: elu, relu, softplus, tanh"):
+        mlp([3, 2], "gelu")
+    with pytest.raises(ValueError, match="at least two positive layer sizes"):
+        mlp([3], "tanh")
