@@ -59,7 +59,8 @@ class FullNormalGuide(Guide):
     whatever the gradient's: at scale 1 and lr 1e-3, one-sample gradients for the 1225 entries
     (d = 50) are mostly noise and training *lowers* the ELBO of a guide started at a trained
     diagonal one (mnist5k: −122.0 → −126.3 in 3 epochs, frozen decoder); at 0.1 it rises above the
-    diagonal guide's (−121.3 vs −121.6). See experiments/compare_models/frozen_decoder.py."""
+    diagonal guide's (−121.3 vs −121.6). Measured with torch's default initialization, before
+    ``nets.mlp`` switched to He; see experiments/compare_models/frozen_decoder.py."""
 
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (200, 200),
                  activation: str = "tanh", off_diagonal_scale: float = 0.1):
@@ -70,9 +71,9 @@ class FullNormalGuide(Guide):
         self.off_diagonal_scale = float(off_diagonal_scale)
         self.net = mlp([self.data_dim, *hidden, 2 * d + d * (d - 1) // 2], activation)
         self.register_buffer("lower", torch.tril_indices(d, d, offset=-1))
-        # Start from a diagonal covariance: with default init each row of L sums up to d-1 random
-        # off-diagonal outputs, which nearly doubles the initial KL(q || p) at d = 50 on mnist5k
-        # (9.4 vs 5.3 nats per image).
+        # Start from a diagonal covariance: with a random head each row of L sums up to d-1 random
+        # off-diagonal outputs, which nearly doubled the initial KL(q || p) at d = 50 on mnist5k
+        # (9.4 vs 5.3 nats per image, measured with torch's default initialization).
         with torch.no_grad():
             self.net[-1].weight[2 * d:].zero_()
             self.net[-1].bias[2 * d:].zero_()
