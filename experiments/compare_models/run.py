@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import io
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -23,6 +25,7 @@ import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "runs", "compare_models")
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # pyro_vae, also without `pip install -e .`
 
 
 def load_config():
@@ -33,7 +36,7 @@ def load_config():
 def variant_config(conf, variant, seed, epochs=None):
     cfg = copy.deepcopy(conf["base"])
     for section, values in conf["variants"][variant].items():
-        cfg[section] = dict(values)
+        cfg[section] = {**cfg.get(section, {}), **values}  # a variant overrides only the keys it names
     cfg["seed"] = seed
     if epochs is not None:
         cfg["train"]["epochs"] = epochs
@@ -82,6 +85,8 @@ def train(conf, variant, seeds, epochs, num_samples):
 
 
 def table(conf, root=RUNS, out="results"):
+    from pyro_vae.checkpoint import atomic_write_text
+
     rows = []
     for variant in conf["variants"]:
         runs = []
@@ -109,10 +114,13 @@ def table(conf, root=RUNS, out="results"):
             "epochs_run": " ".join(str(s["epochs_run"]) for _, s, _ in runs),
             "train_minutes": round(sum(s["train_seconds"] for _, s, _ in runs) / 60 / len(runs), 1),
         })
-    with open(os.path.join(HERE, out + ".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    if not rows:
+        raise SystemExit(f"no evaluated runs under {root}; run `run.py train VARIANT` first")
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(os.path.join(HERE, out + ".csv"), buffer.getvalue())
     lines = ["| variant | seeds | test ELBO | test log p(x) | K | k̂ > 0.7 | median ESS | best epoch (per seed) | "
              "epochs run | train min/run |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -1,0 +1,133 @@
+"""The VampPrior against the standard prior as the training set grows (mnist5k subsets).
+
+Trains a compare_models variant on a random subset of n of mnist5k's 3,600 training images
+(same validation and test images for every n) with the table's settings, except that the epoch
+budget is 100 * 3600 / n: every n gets the table's 3,600 optimizer steps. Early stopping (patience
+10 epochs) on the validation ELBO, as in the table. Records the best validation ELBO and the test
+ELBO of the selected epoch (one z per image, the fixed test binarization).
+
+    python experiments/compare_models/data_size.py train vamp_prior --sizes 900 1800 3600 --seeds 0 1 2
+    python experiments/compare_models/data_size.py table
+
+Runs go to runs/compare_models_data_size/<variant>/n<n>/seed<k>/ (checkpoint, result.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+
+import run  # noqa: E402
+from pyro_vae import build_objective, build_vae, load_dataset  # noqa: E402
+from pyro_vae.checkpoint import atomic_write_json  # noqa: E402
+from pyro_vae.data import TEST_BINARIZATION_SEED, binarize_fixed  # noqa: E402
+from pyro_vae.train import TrainConfig, evaluate_elbo, fit  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(run.RUNS), "compare_models_data_size")
+FULL = 3600  # mnist5k training images (after the validation split)
+
+
+def train(variant, sizes, seeds):
+    conf = run.load_config()
+    for n in sizes:
+        for seed in seeds:
+            cfg = run.variant_config(conf, variant, seed, epochs=round(100 * FULL / n))
+            splits = load_dataset(cfg["data"]["name"], cfg["data"]["path"], cfg["train"]["val_fraction"])
+            if not 1 <= n <= len(splits.train_x):
+                raise SystemExit(f"--sizes must lie in 1..{len(splits.train_x)}, got {n}")
+            pick = torch.randperm(len(splits.train_x), generator=torch.Generator().manual_seed(seed))[:n]
+            splits = dataclasses.replace(splits, train_x=splits.train_x[pick], train_y=splits.train_y[pick])
+            run_dir = os.path.join(ROOT, variant, f"n{n}", f"seed{seed}")
+            os.makedirs(run_dir, exist_ok=True)
+            torch.manual_seed(seed)
+            vae, objective = build_vae(cfg, splits.data_dim), build_objective(cfg)
+            train_cfg = TrainConfig(**{k: v for k, v in cfg["train"].items() if k != "val_fraction"})
+            start = time.perf_counter()
+            result = fit(vae, splits, objective, train_cfg, run_dir, seed=seed, progress=True,
+                         checkpoint_meta={"config": cfg, "train_size": n})
+            vae.eval()
+            torch.manual_seed(seed)
+            test = evaluate_elbo(vae, binarize_fixed(splits.test_x, TEST_BINARIZATION_SEED))
+            best = result.history[result.best_epoch - 1]
+            out = {"variant": variant, "train_size": n, "seed": seed, "epochs_budget": train_cfg.epochs,
+                   "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                   "best_val_elbo": result.best_val_elbo, "train_elbo_at_best": best["train_elbo"],
+                   "val_kl_at_best": best["val_kl"], "train_kl_at_best": best["train_kl"],
+                   "test_elbo": test["elbo"], "test_kl": test["kl"],
+                   "train_seconds": round(time.perf_counter() - start, 1)}
+            atomic_write_json(os.path.join(run_dir, "result.json"), out)
+            print(json.dumps(out))
+
+
+def table():
+    rows = {}
+    for dirpath, _, files in os.walk(ROOT):
+        if "result.json" in files:
+            with open(os.path.join(dirpath, "result.json")) as f:
+                r = json.load(f)
+            rows.setdefault((r["variant"], r["train_size"]), []).append(r)
+
+    def mean_se(values):
+        t = torch.tensor(values, dtype=torch.float64)
+        se = (t.std() / math.sqrt(len(t))).item() if len(t) > 1 else float("nan")
+        return f"{t.mean().item():.2f} ± {se:.2f}"
+
+    plot(rows)
+    print("| variant | n train | seeds | best epoch | train ELBO | val ELBO | test ELBO | val KL | train KL |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (variant, n), rs in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        print(f"| {variant} | {n} | {len(rs)} | {'/'.join(str(r['best_epoch']) for r in rs)} | "
+              f"{mean_se([r['train_elbo_at_best'] for r in rs])} | {mean_se([r['best_val_elbo'] for r in rs])} | "
+              f"{mean_se([r['test_elbo'] for r in rs])} | {mean_se([r['val_kl_at_best'] for r in rs])} | "
+              f"{mean_se([r['train_kl_at_best'] for r in rs])} |")
+
+
+def plot(rows):
+    """Test ELBO against the number of training images, mean ± SE over seeds: data_size.png here."""
+    from pyro_vae.figures import _plt, save_figure
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for variant in sorted({v for v, _ in rows}):
+        sizes = sorted(n for v, n in rows if v == variant)
+        values = [torch.tensor([r["test_elbo"] for r in rows[(variant, n)]], dtype=torch.float64) for n in sizes]
+        se = [(t.std() / math.sqrt(len(t))).item() if len(t) > 1 else 0.0 for t in values]
+        ax.errorbar(sizes, [t.mean().item() for t in values], yerr=se, marker="o", capsize=3, label=variant)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images (mnist5k subset; 3,600 optimizer steps each)")
+    ax.set_ylabel("test ELBO (nats)")
+    ax.set_title("VampPrior vs standard prior by training-set size")
+    ax.legend()
+    save_figure(fig, os.path.join(HERE, "data_size.png"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("variant")
+    t.add_argument("--sizes", type=int, nargs="+", default=[900, 1800, 3600])
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    t.add_argument("--threads", type=int, default=1)
+    sub.add_parser("table")
+    args = parser.parse_args()
+    if args.command == "train":
+        torch.set_num_threads(args.threads)
+        train(args.variant, args.sizes, args.seeds)
+    else:
+        table()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Every variant of experiments/compare_models/config.yaml builds: a typo in a variant would
+otherwise surface only after hours of training the variants listed before it."""
+
+import importlib.util
+import os
+
+import pytest
+
+from pyro_vae import build_objective, build_vae
+from pyro_vae.train import TrainConfig
+
+RUN_PY = os.path.join(os.path.dirname(__file__), "..", "experiments", "compare_models", "run.py")
+
+
+def _run_module():
+    spec = importlib.util.spec_from_file_location("compare_models_run", RUN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RUN = _run_module()
+CONF = RUN.load_config()
+
+
+@pytest.mark.parametrize("variant", sorted(CONF["variants"]))
+def test_compare_models_variant_builds(variant):
+    cfg = RUN.variant_config(CONF, variant, seed=0)
+    build_vae(cfg, 784)
+    build_objective(cfg)
+    TrainConfig(**{k: v for k, v in cfg["train"].items() if k != "val_fraction"})
+
+
+def test_variant_overrides_only_the_keys_it_names():
+    conf = {"base": {"train": {"epochs": 100, "lr": 1e-3}, "prior": {"name": "standard_normal"}},
+            "variants": {"long": {"train": {"epochs": 300}}}}
+    cfg = RUN.variant_config(conf, "long", seed=3)
+    assert cfg["train"] == {"epochs": 300, "lr": 1e-3}
+    assert cfg["prior"] == {"name": "standard_normal"} and cfg["seed"] == 3
+    assert conf["base"]["train"]["epochs"] == 100  # the base is not modified
