@@ -8,7 +8,6 @@ Hydra lives in ``cli``; this module takes dictionaries, so it is usable from Pyt
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -44,8 +43,8 @@ def _log_px(vae, x: torch.Tensor, cfg: Mapping[str, Any], num_samples: int, prog
                                seed=int(cfg["seed"]), progress=progress)
 
 
-def _mean_se(values: torch.Tensor) -> Dict[str, float]:
-    """Mean over test points and its standard error (the spread across points, sd / sqrt(N))."""
+def mean_se(values: torch.Tensor) -> Dict[str, float]:
+    """Mean of ``values`` (test points, seeds, ...) and its standard error, sd / sqrt(N)."""
     values = values.double()
     return {"mean": values.mean().item(), "se": (values.std() / math.sqrt(len(values))).item()}
 
@@ -98,7 +97,7 @@ def train_run(cfg: Mapping[str, Any], run_dir: str, progress: bool = True) -> Di
         "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
         "best_val_elbo": result.best_val_elbo, "train_seconds": round(train_seconds, 2),
         "test_elbo": test_elbo["elbo"], "test_log_lik": test_elbo["log_lik"], "test_kl": test_elbo["kl"],
-        "test_log_px": {**_mean_se(estimate.log_px), "num_samples": num_samples},
+        "test_log_px": {**mean_se(estimate.log_px), "num_samples": num_samples},
     }
     make_figures(vae, splits, result.history, run_dir, seed)
     atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
@@ -121,10 +120,10 @@ def evaluate_run(run_dir: str, num_samples: int = 5000, progress: bool = True) -
     vae, cfg, splits = load_run(run_dir)
     test_x = _test_data(vae, splits)
     estimate = _log_px(vae, test_x, cfg, num_samples, progress)
-    log_px, elbo = _mean_se(estimate.log_px), _mean_se(estimate.elbo)
+    log_px, elbo = mean_se(estimate.log_px), mean_se(estimate.elbo)
     result = {"run_dir": os.path.abspath(run_dir), "num_samples": num_samples, "num_test": len(test_x),
               "log_px": log_px, "elbo": elbo, "gap": log_px["mean"] - elbo["mean"],
-              "log_px_by_k": {str(k): _mean_se(v) for k, v in estimate.log_px_by_k.items()},
+              "log_px_by_k": {str(k): mean_se(v) for k, v in estimate.log_px_by_k.items()},
               "mean_mc_stderr": estimate.stderr.mean().item(), "median_ess": estimate.ess.median().item(),
               "fraction_pareto_k_above_0.7": estimate.fraction_pareto_k_above(0.7)}
     from .figures import save_figure

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -32,22 +31,24 @@ import run  # noqa: E402
 from pyro_vae import build_objective, build_vae, load_dataset  # noqa: E402
 from pyro_vae.checkpoint import atomic_write_json  # noqa: E402
 from pyro_vae.data import TEST_BINARIZATION_SEED, binarize_fixed  # noqa: E402
+from pyro_vae.experiment import mean_se  # noqa: E402
 from pyro_vae.train import TrainConfig, evaluate_elbo, fit  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(run.RUNS), "compare_models_data_size")
-FULL = 3600  # mnist5k training images (after the validation split)
 
 
 def train(variant, sizes, seeds):
     conf = run.load_config()
+    data, train_cfg = conf["base"]["data"], conf["base"]["train"]
+    full = load_dataset(data["name"], data["path"], train_cfg["val_fraction"])
+    num_full, budget = len(full.train_x), train_cfg["epochs"]
+    if not all(1 <= n <= num_full for n in sizes):
+        raise SystemExit(f"--sizes must lie in 1..{num_full}, got {sizes}")
     for n in sizes:
         for seed in seeds:
-            cfg = run.variant_config(conf, variant, seed, epochs=round(100 * FULL / n))
-            splits = load_dataset(cfg["data"]["name"], cfg["data"]["path"], cfg["train"]["val_fraction"])
-            if not 1 <= n <= len(splits.train_x):
-                raise SystemExit(f"--sizes must lie in 1..{len(splits.train_x)}, got {n}")
-            pick = torch.randperm(len(splits.train_x), generator=torch.Generator().manual_seed(seed))[:n]
-            splits = dataclasses.replace(splits, train_x=splits.train_x[pick], train_y=splits.train_y[pick])
+            cfg = run.variant_config(conf, variant, seed, epochs=round(budget * num_full / n))
+            pick = torch.randperm(num_full, generator=torch.Generator().manual_seed(seed))[:n]
+            splits = dataclasses.replace(full, train_x=full.train_x[pick], train_y=full.train_y[pick])
             run_dir = os.path.join(ROOT, variant, f"n{n}", f"seed{seed}")
             os.makedirs(run_dir, exist_ok=True)
             torch.manual_seed(seed)
@@ -78,19 +79,18 @@ def table():
                 r = json.load(f)
             rows.setdefault((r["variant"], r["train_size"]), []).append(r)
 
-    def mean_se(values):
-        t = torch.tensor(values, dtype=torch.float64)
-        se = (t.std() / math.sqrt(len(t))).item() if len(t) > 1 else float("nan")
-        return f"{t.mean().item():.2f} ± {se:.2f}"
+    def fmt(values):
+        m = mean_se(torch.tensor(values))
+        return f"{m['mean']:.2f} ± {m['se']:.2f}"
 
     plot(rows)
     print("| variant | n train | seeds | best epoch | train ELBO | val ELBO | test ELBO | val KL | train KL |")
     print("|---|---|---|---|---|---|---|---|---|")
     for (variant, n), rs in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         print(f"| {variant} | {n} | {len(rs)} | {'/'.join(str(r['best_epoch']) for r in rs)} | "
-              f"{mean_se([r['train_elbo_at_best'] for r in rs])} | {mean_se([r['best_val_elbo'] for r in rs])} | "
-              f"{mean_se([r['test_elbo'] for r in rs])} | {mean_se([r['val_kl_at_best'] for r in rs])} | "
-              f"{mean_se([r['train_kl_at_best'] for r in rs])} |")
+              f"{fmt([r['train_elbo_at_best'] for r in rs])} | {fmt([r['best_val_elbo'] for r in rs])} | "
+              f"{fmt([r['test_elbo'] for r in rs])} | {fmt([r['val_kl_at_best'] for r in rs])} | "
+              f"{fmt([r['train_kl_at_best'] for r in rs])} |")
 
 
 def plot(rows):
@@ -101,9 +101,9 @@ def plot(rows):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for variant in sorted({v for v, _ in rows}):
         sizes = sorted(n for v, n in rows if v == variant)
-        values = [torch.tensor([r["test_elbo"] for r in rows[(variant, n)]], dtype=torch.float64) for n in sizes]
-        se = [(t.std() / math.sqrt(len(t))).item() if len(t) > 1 else 0.0 for t in values]
-        ax.errorbar(sizes, [t.mean().item() for t in values], yerr=se, marker="o", capsize=3, label=variant)
+        stats = [mean_se(torch.tensor([r["test_elbo"] for r in rows[(variant, n)]])) for n in sizes]
+        ax.errorbar(sizes, [m["mean"] for m in stats], yerr=[m["se"] for m in stats], marker="o", capsize=3,
+                    label=variant)
     ax.set_xscale("log")
     ax.set_xlabel("training images (mnist5k subset; 3,600 optimizer steps each)")
     ax.set_ylabel("test ELBO (nats)")

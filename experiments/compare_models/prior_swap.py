@@ -19,18 +19,18 @@ Prints a table and writes prior_swap.json next to the run's checkpoint (atomical
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
 import torch
+from pyro.distributions import Normal
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 from pyro_vae.checkpoint import atomic_write_json  # noqa: E402
 from pyro_vae.data import VAL_BINARIZATION_SEED, binarize_fixed  # noqa: E402
-from pyro_vae.experiment import load_run  # noqa: E402
+from pyro_vae.experiment import load_run, mean_se  # noqa: E402
 from pyro_vae.priors import DiagonalNormalMixture  # noqa: E402
 
 
@@ -38,10 +38,6 @@ def mc_kl(q, prior, num_draws):
     """Per-image mean over num_draws of log q(z|x) - log p(z), z ~ q(z|x): shape (N,)."""
     z = q.rsample((num_draws,))
     return (q.log_prob(z) - prior.log_prob(z)).mean(0)
-
-
-def mean_se(values):
-    return {"mean": values.mean().item(), "se": (values.std() / math.sqrt(len(values))).item()}
 
 
 def main():
@@ -62,15 +58,15 @@ def main():
     train_x = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))]
     rows = []
     with torch.no_grad():
-        q_val, q_train = vae.encoder(val_x), vae.encoder(train_x)
+        q_val, q_train = vae.encoder(val_x), vae.encoder(train_x).base_dist
         rows.append({"prior": "N(0, I)", "n": 0, "val_kl": mean_se(mc_kl(q_val, vae.prior(), args.num_draws)),
-                     "train_kl_members": mean_se(mc_kl(q_train, vae.prior(), args.num_draws))})
+                     "train_kl_members": mean_se(mc_kl(q_train.to_event(1), vae.prior(), args.num_draws))})
         for n in args.sizes:
             if n > len(train_x):
                 continue
-            members = vae.encoder(train_x[:n]).base_dist
-            prior = DiagonalNormalMixture(train_x.new_zeros(n), members.loc, members.scale)
-            q_members = vae.encoder(train_x[:n])
+            loc, scale = q_train.loc[:n], q_train.scale[:n]
+            prior = DiagonalNormalMixture(train_x.new_zeros(n), loc, scale)
+            q_members = Normal(loc, scale).to_event(1)
             rows.append({"prior": f"aggregate posterior of {n} training images", "n": n,
                          "val_kl": mean_se(mc_kl(q_val, prior, args.num_draws)),
                          "train_kl_members": mean_se(mc_kl(q_members, prior, args.num_draws))})
