@@ -25,6 +25,7 @@ import torch
 
 TEST_BINARIZATION_SEED = 0
 VAL_BINARIZATION_SEED = 1
+TRAIN_EVAL_BINARIZATION_SEED = 2  # the training subset that training's metrics evaluate
 
 
 @dataclass

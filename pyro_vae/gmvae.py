@@ -36,7 +36,7 @@ from torch.distributions import kl_divergence
 
 from .guides import MIN_SCALE
 from .likelihoods import BernoulliLikelihood
-from .nets import ACTIVATIONS, mlp
+from .nets import ACTIVATIONS, he_linear, mlp
 
 __all__ = ["GMVAE", "cluster_accuracy"]
 
@@ -52,7 +52,10 @@ class ClusterEncoder(nn.Module):
                  embedding_std: float = 1.0):
         super().__init__()
         hidden = list(hidden)
-        self.input = nn.Linear(data_dim, hidden[0])
+        if activation not in ACTIVATIONS:  # the cluster vector is added before a pointwise activation
+            raise ValueError(f"the GMVAE's encoder needs a pointwise activation, got {activation!r}; "
+                             f"choose one of: {', '.join(sorted(ACTIVATIONS))}")
+        self.input = he_linear(data_dim, hidden[0])
         self.cluster = nn.Embedding(num_clusters, hidden[0])
         nn.init.normal_(self.cluster.weight, std=embedding_std)
         self.act = ACTIVATIONS[activation]()

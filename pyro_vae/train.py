@@ -21,9 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import VAL_BINARIZATION_SEED, Splits, binarize_fixed
-
-TRAIN_EVAL_BINARIZATION_SEED = 2
+from .data import TRAIN_EVAL_BINARIZATION_SEED, VAL_BINARIZATION_SEED, Splits, binarize_fixed
 
 
 @dataclass

@@ -5,6 +5,7 @@ import importlib.util
 import os
 
 import pytest
+import torch
 
 from pyro_vae import build_objective, build_vae
 from pyro_vae.train import TrainConfig
@@ -25,9 +26,13 @@ CONF = RUN.load_config()
 
 @pytest.mark.parametrize("variant", sorted(CONF["variants"]))
 def test_compare_models_variant_builds(variant):
+    """Each variant builds and its objective gives a finite loss on a batch of binary images."""
     cfg = RUN.variant_config(CONF, variant, seed=0)
-    build_vae(cfg, 784)
-    build_objective(cfg)
+    torch.manual_seed(0)
+    vae, objective = build_vae(cfg, 784), build_objective(cfg)
+    x = torch.bernoulli(torch.full((3, 784), 0.3))
+    with vae.without_param_store():
+        assert torch.isfinite(objective.differentiable_loss(vae.model, vae.guide, x, num_data=3))
     TrainConfig(**{k: v for k, v in cfg["train"].items() if k != "val_fraction"})
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_vae.nets import mlp
+from pyro_vae.nets import GatedDense, mlp
 
 
 def test_mlp_is_he_initialized():
@@ -23,7 +23,27 @@ def test_mlp_is_he_initialized():
 
 
 def test_mlp_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="unknown activation 'gelu'; choose one of: elu, relu, softplus, tanh"):
+    with pytest.raises(ValueError, match="unknown activation 'gelu'; choose one of: elu, gated, relu, softplus, tanh"):
         mlp([3, 2], "gelu")
     with pytest.raises(ValueError, match="at least two positive layer sizes"):
         mlp([3], "tanh")
+
+
+def test_gated_mlp_is_value_times_sigmoid_gate():
+    """activation="gated": every hidden layer is h = (W x + b) * sigmoid(V x + c), both maps
+    He-initialized; the output layer stays linear."""
+    torch.manual_seed(0)
+    net = mlp([6, 5, 4, 3], "gated")
+    assert [type(m) for m in net] == [GatedDense, GatedDense, nn.Linear]
+    x = torch.randn(7, 6)
+    for layer in net[:2]:
+        nn.init.normal_(layer.value.bias), nn.init.normal_(layer.gate.bias)  # nonzero, to test them
+    h = x
+    for layer in net[:2]:
+        h = (h @ layer.value.weight.T + layer.value.bias) * torch.sigmoid(h @ layer.gate.weight.T + layer.gate.bias)
+    expected = h @ net[2].weight.T + net[2].bias
+    assert torch.allclose(net(x), expected, atol=1e-6)
+    big = mlp([784, 300, 10], "gated")
+    for layer in (big[0].value, big[0].gate):
+        ratio = layer.weight.detach().double().var() / (2.0 / 784)
+        assert abs(ratio - 1) < 5 * math.sqrt(2.0 / layer.weight.numel())
