@@ -44,18 +44,20 @@ QUANTITIES = ("elbo", "log_lik", "kl", "log_px")
 
 def run_dirs(variant):
     root = os.path.join(RUNS, variant)
-    seeds = sorted(d for d in os.listdir(root) if os.path.exists(os.path.join(root, d, "checkpoint.pt"))) \
+    seeds = sorted(d for d in os.listdir(root) if os.path.exists(os.path.join(root, d, "summary.json"))) \
         if os.path.isdir(root) else []
     if not seeds:
-        raise SystemExit(f"no trained runs under {root}; run `run.py train {variant}` first")
+        raise SystemExit(f"no finished runs under {root}; run `run.py train {variant}` first")
     return [os.path.join(root, d) for d in seeds]
+
+
+def subset(x, n):
+    """A fixed random subset of n rows (mnist5k's training split is sorted by label)."""
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
 
 
 def measure(run_dir, n, num_samples):
     vae, cfg, splits = load_run(run_dir)
-    def subset(x, n):
-        return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
-
     sets = {"train": subset(binarize_fixed(splits.train_x, TRAIN_EVAL_BINARIZATION_SEED), n),
             "test": subset(binarize_fixed(splits.test_x, TEST_BINARIZATION_SEED), n)}
     result = {"n": n, "num_samples": num_samples}
@@ -108,7 +110,8 @@ def table(variants):
         print(f"| {v} | {len(runs)} | " + " | ".join(cells) + " |")
     if len(variants) >= 2:
         a, b = results[variants[0]], results[variants[1]]
-        print(f"\n{variants[0]} − {variants[1]} (independent runs: SE = sqrt(SE_a² + SE_b²)):")
+        print(f"\n{variants[0]} − {variants[1]} (independent runs: SE = sqrt(SE_a² + SE_b²); "
+              f"for kl, negative favours {variants[0]}):")
         for split in ("train", "test"):
             for q in QUANTITIES:
                 sa, sb = (mean_se(torch.tensor([r[split][q] for r in runs])) for runs in (a, b))
