@@ -30,15 +30,16 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
+from run import RUNS  # noqa: E402  (compare_models/run.py)
 from pyro_vae.checkpoint import atomic_write_json  # noqa: E402
 from pyro_vae.data import TEST_BINARIZATION_SEED, TRAIN_EVAL_BINARIZATION_SEED, binarize_fixed  # noqa: E402
 from pyro_vae.experiment import load_run, mean_se  # noqa: E402
 from pyro_vae.marginal import estimate_log_px  # noqa: E402
 from pyro_vae.train import evaluate_elbo  # noqa: E402
 
-RUNS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "runs", "compare_models")
 QUANTITIES = ("elbo", "log_lik", "kl", "log_px")
 
 

@@ -86,6 +86,7 @@ def train(conf, variant, seeds, epochs, num_samples):
 
 def table(conf, root=RUNS, out="results"):
     from pyro_vae.checkpoint import atomic_write_text
+    from pyro_vae.experiment import mean_se
 
     rows = []
     for variant in conf["variants"]:
@@ -102,7 +103,7 @@ def table(conf, root=RUNS, out="results"):
             continue
         elbo = torch.tensor([s["test_elbo"] for _, s, _ in runs], dtype=torch.float64)
         log_px = torch.tensor([e["log_px"]["mean"] for _, _, e in runs], dtype=torch.float64)
-        se = (lambda v: (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else float("nan"))  # noqa: E731
+        se = (lambda v: mean_se(v)["se"] if len(v) > 1 else float("nan"))  # noqa: E731  (one seed: no SE)
         rows.append({
             "variant": variant, "seeds": len(runs),
             "test_elbo": round(elbo.mean().item(), 2), "test_elbo_se": round(se(elbo), 2),
