@@ -49,9 +49,19 @@ class Objective:
         self.beta, self.warmup_epochs = float(beta), int(warmup_epochs)
         self.kl_weight = self.beta if self.warmup_epochs == 0 else 0.0
 
+    #: what :meth:`selection_score` measures; the trainer logs it as ``val_<selection_name>``.
+    selection_name = "elbo"
+
     def on_epoch(self, epoch: int) -> None:
         """Linear KL warm-up: the weight is beta * min(1, epoch / warmup_epochs) during ``epoch``."""
         self.kl_weight = self.beta * (min(1.0, epoch / self.warmup_epochs) if self.warmup_epochs else 1.0)
+
+    @torch.no_grad()
+    def selection_score(self, vae, x: torch.Tensor, batch_size: int = 1000) -> float:
+        """The mean per-point score over the rows of x that the trainer selects epochs on (beta = 1,
+        whatever the warm-up): the ELBO, E_q[log p(x|z)] - KL(q(z|x) || p(z))."""
+        log_lik, kl = map(torch.cat, zip(*(vae.elbo_terms(b) for b in x.split(batch_size))))
+        return (log_lik - kl).mean().item()
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """The negative objective (with the current KL weight) as a differentiable scalar."""
@@ -135,6 +145,23 @@ class MeanFieldELBO(Objective):
         return self.elbo.differentiable_loss(model, guide, *args, **kwargs)
 
 
+class PyroObjective(Objective):
+    """Any Pyro ELBO (or object with ``differentiable_loss(model, guide, *args, **kwargs)``) as an
+    :class:`Objective`: no KL weight of its own, the ELBO as selection score."""
+
+    def __init__(self, elbo):
+        super().__init__()
+        self.elbo = elbo
+
+    def _loss(self, model, guide, *args, **kwargs):
+        return self.elbo.differentiable_loss(model, guide, *args, **kwargs)
+
+
+def as_objective(loss) -> Objective:
+    """``loss`` itself if it is an :class:`Objective`, else ``loss`` wrapped in :class:`PyroObjective`."""
+    return loss if isinstance(loss, Objective) else PyroObjective(loss)
+
+
 def _require_analytic_kl(model, guide, args, kwargs):
     with torch.no_grad(), poutine.block():
         guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -200,8 +227,12 @@ class IWAE(Objective):
         bound, scale, _ = self._compute(*self._weighted(model, guide), *args, **kwargs)
         return bound, scale
 
+    @property
+    def selection_name(self) -> str:
+        return f"iwae{self.num_particles}"
+
     @torch.no_grad()
-    def validation_bound(self, vae, x: torch.Tensor, batch_size: int = 1000) -> float:
+    def selection_score(self, vae, x: torch.Tensor, batch_size: int = 1000) -> float:
         """Mean over the rows of x of L_K(x_n) (beta = 1): what the trainer selects epochs on, since
         an IWAE-trained guide can lower the ELBO while it raises L_K."""
         bounds = [self._compute(vae.model, vae.guide, b)[0] for b in x.split(batch_size)]

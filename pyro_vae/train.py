@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .objectives import as_objective
 from .data import TRAIN_EVAL_BINARIZATION_SEED, VAL_BINARIZATION_SEED, Splits, binarize_fixed
 
 
@@ -76,6 +77,7 @@ def fit(vae, splits: Splits, objective, cfg: TrainConfig, run_dir: str, seed: in
         checkpoint_meta: Optional[dict] = None) -> FitResult:
     """Train ``vae`` on ``splits.train_x``; keep the parameters of the best validation epoch."""
     torch.manual_seed(seed)
+    objective = as_objective(objective)
     lik, device = vae.likelihood, next(vae.parameters()).device
     for what, data in (("train", splits.train_x), ("validation", splits.val_x)):
         lik.check_data(data, f"{splits.name} {what} data")
@@ -96,8 +98,7 @@ def fit(vae, splits: Splits, objective, cfg: TrainConfig, run_dir: str, seed: in
     with pyro.validation_enabled(False), vae.without_param_store():
         for epoch in bar:
             vae.train()
-            if hasattr(objective, "on_epoch"):  # schedules such as a KL warm-up
-                objective.on_epoch(epoch)
+            objective.on_epoch(epoch)  # schedules such as a KL warm-up
             try:
                 objective_value = train_epoch(vae, objective, optimizer, train_x, cfg.batch_size, epoch)
             except TrainingDiverged as e:
@@ -108,8 +109,8 @@ def fit(vae, splits: Splits, objective, cfg: TrainConfig, run_dir: str, seed: in
             record.update({f"train_{k}": v for k, v in evaluate_elbo(vae, train_eval_x, cfg.eval_batch_size).items()})
             if len(val_x):
                 record.update({f"val_{k}": v for k, v in evaluate_elbo(vae, val_x, cfg.eval_batch_size).items()})
-                if hasattr(objective, "validation_bound"):  # select on the bound trained (IWAE), not the ELBO
-                    record["val_objective"] = objective.validation_bound(vae, val_x, cfg.eval_batch_size)
+                if objective.selection_name != "elbo":  # select on the bound trained (IWAE), not the ELBO
+                    record["val_objective"] = objective.selection_score(vae, val_x, cfg.eval_batch_size)
             result.history.append(record)
             result.epochs_run = epoch
             if log is not None:

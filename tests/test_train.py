@@ -9,6 +9,7 @@ from pyro.infer import Trace_ELBO
 
 from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.data import Splits, load_dataset
+from pyro_vae.objectives import Objective
 from pyro_vae.train import TrainConfig, TrainingDiverged, fit
 
 
@@ -59,16 +60,17 @@ def test_bad_data_is_refused_before_training(tiny_vae, small_digits, tmp_path, b
     assert not os.path.exists(tmp_path / "checkpoint.pt")
 
 
-class _ExplodesAtEpoch3:
+class _ExplodesAtEpoch3(Objective):
     """Trace_ELBO until epoch 3, then a NaN loss."""
 
     def __init__(self):
+        super().__init__()
         self.epoch, self.elbo = 0, Trace_ELBO()
 
     def on_epoch(self, epoch):
         self.epoch = epoch
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def _loss(self, model, guide, *args, **kwargs):
         loss = self.elbo.differentiable_loss(model, guide, *args, **kwargs)
         return loss * float("nan") if self.epoch == 3 else loss
 

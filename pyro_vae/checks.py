@@ -1,0 +1,18 @@
+"""Argument checks shared by every part of the library: one wording for one mistake."""
+
+from __future__ import annotations
+
+import numbers
+
+
+def positive_int(value, key: str, minimum: int = 1) -> int:
+    """``value`` as an int, or a one-line ``ValueError`` naming ``key``, the bad value and the range.
+
+    :param value: what the user gave (a bool, a float with a fraction or a string is refused).
+    :param key: the config key or argument name, e.g. ``"objective.num_particles"``.
+    :param minimum: the smallest value allowed (1 unless said).
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()
+    if not ok or int(value) < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
