@@ -12,32 +12,29 @@ w̄_k = w_k / Σ_j w_j:
 
     ESS    = 1 / Σ_k w̄_k²                      (effective sample size, 1 ≤ ESS ≤ K)
     stderr = sqrt((K / ESS − 1) / (K − 1))     (delta method: sd(w) / (√K mean(w)))
-    k̂      = shape of a generalized Pareto fit to the largest weights (PSIS; Vehtari et al.);
+    k̂      = shape of a generalized Pareto fit to the largest weights (:mod:`pyro_vae.psis`);
              k̂ > 0.7 means the variance of the weights is effectively infinite: don't trust log p̂.
 
-Densities come from Pyro traces (``poutine.trace`` + ``poutine.replay``), never rewritten here.
-Each site's log-density is taken *unscaled*: Pyro's trace ``log_prob`` carries the site's scale
-(``scale_and_mask`` in ``Trace.compute_log_prob``: plate subsampling N/B, ``poutine.scale``), and
-scaling a term inside the logsumexp would change the estimand. Masks are kept.
+Densities come from :mod:`pyro_vae.traces`, unscaled (a minibatch's subsampling scale would
+change the estimand inside the logsumexp) and masked.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-import torch
 import pyro
-import pyro.poutine as poutine
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.subsample_messenger import _Subsample
+import torch
 from pyro.poutine.util import is_validation_enabled
 
-__all__ = ["estimate_log_px", "LogPxEstimate", "pareto_k_hat"]
+from . import traces
+from .checks import positive_int
+from .psis import pareto_k_hat, tail_size
 
-_PARTICLES = "_log_px_particles"  # name of the particle plate added outside the data plate
+__all__ = ["estimate_log_px", "LogPxEstimate", "Batching"]
 
 
 @dataclass
@@ -87,10 +84,43 @@ class LogPxEstimate:
                 "frac_pareto_k_above_0.7": self.fraction_pareto_k_above(0.7)}
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How the K particles × N points of :func:`estimate_log_px` are split into passes.
+
+    :ivar max_batch: particles × data points per pass; bounds memory.
+    :ivar particles: particles per pass (default: all K, for as few points as fit in ``max_batch``,
+        so the guide's encoder runs once per point).
+    :ivar points: data points per pass (fixed by the model when its data plate subsamples x itself).
+    :ivar vectorize: run a pass's particles at once under a particle plate (as
+        ``Trace_ELBO(vectorize_particles=True)``); False runs one particle per pass.
+    """
+
+    max_batch: int = 8192
+    particles: int | None = None
+    points: int | None = None
+    vectorize: bool = True
+
+    def passes(self, layout: traces.Layout, x: torch.Tensor, K: int):
+        """(particle ranges, data pieces): each piece is (rows of x, x given to the model, forced indices)."""
+        N = x.shape[0]
+        points = layout.subsample_size or self.points
+        particles = 1 if not self.vectorize else self.particles or min(K, max(1, self.max_batch // (points or 1)))
+        points = min(N, points or max(1, self.max_batch // particles))
+        ranges = [(s, min(s + particles, K)) for s in range(0, K, particles)]
+        pieces = []
+        for s in range(0, N, points):
+            rows = slice(s, min(s + points, N))
+            if layout.subsample_size is None:
+                pieces.append((rows, x[rows], None))
+            else:  # pass all of x; force the plate's indices, wrapping around to fill the last piece
+                pieces.append((rows, x, torch.arange(s, s + points, device=x.device) % N))
+        return ranges, pieces
+
+
 def estimate_log_px(model, guide, x: torch.Tensor, num_samples: int = 1000, *, method: str = "guide",
                     data_plate: str = "data", args: tuple = (), kwargs: dict | None = None,
-                    max_batch: int = 8192, particle_chunk: int | None = None, data_chunk: int | None = None,
-                    vectorize: bool = True, prefix_sizes=None, keep_log_weights: bool = False,
+                    batching: Batching | None = None, prefix_sizes=None, keep_log_weights: bool = False,
                     seed: int | None = None, progress: bool = True, warn: bool = True) -> LogPxEstimate:
     """Estimate log p(x_n) for every row x_n of ``x`` by importance sampling.
 
@@ -102,11 +132,7 @@ def estimate_log_px(model, guide, x: torch.Tensor, num_samples: int = 1000, *, m
     :param method: ``"guide"`` (z ~ q(z|x)), ``"prior"`` (z ~ p(z): the naive estimator), or
         ``"exact"`` (the model's own marginal: ``model`` must be a bound method of an object with
         ``.log_px(x)``, or have a ``log_px`` attribute).
-    :param max_batch: particles × data points per pass; bounds memory.
-    :param particle_chunk, data_chunk: override the split (default: all K particles for as few
-        data points as fit in ``max_batch``, so the guide's encoder runs once per point).
-    :param vectorize: run a chunk of particles in one pass under a particle plate (as
-        ``Trace_ELBO(vectorize_particles=True)``); False runs one particle per pass.
+    :param batching: a :class:`Batching` (memory against speed); the default fits most models.
     :param prefix_sizes: K' ≤ K at which to also record log p̂_K' from the first K' particles
         (default 1, 10, 100, … and K).
     :param seed: if given, draw under ``torch.manual_seed(seed)`` and restore the global RNG afterwards.
@@ -117,57 +143,99 @@ def estimate_log_px(model, guide, x: torch.Tensor, num_samples: int = 1000, *, m
     densities cancel in w. Sites outside the data plate, and guide sites absent from the model,
     raise ``ValueError``: the per-point estimate would be wrong.
     """
-    kwargs = dict(kwargs or {})
-    x = _check_inputs(x, num_samples, method, guide, max_batch)
+    kwargs, batching = dict(kwargs or {}), batching or Batching()
+    x = _check_inputs(x, num_samples, method, guide, batching)
     if method == "exact":
         return _exact(model, x, args, kwargs)
     proposal = guide if method == "guide" else _prior_proposal
-    K, N = num_samples, x.shape[0]
-    prefix_sizes = _prefix_sizes(prefix_sizes, K)
-    rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
-    with torch.no_grad(), rng:
+    with torch.no_grad(), traces.preserve_rng() if seed is not None else nullcontext():
         if seed is not None:
             torch.manual_seed(seed)
-        plan = _Plan.inspect(model, proposal, x[:max_batch], data_plate, args, kwargs)
+        layout = _inspect(model, proposal, x[:batching.max_batch], data_plate, args, kwargs)
         if is_validation_enabled():
-            plan.validate(model, proposal, x, max_batch, args, kwargs)
-        chunks = plan.chunks(x, K, max_batch, particle_chunk, data_chunk, vectorize)
-        empty = lambda *shape: torch.empty(*shape, dtype=torch.float64, device=x.device)  # noqa: E731
-        out = {name: empty(N) for name in _Stream.fields}
-        top = empty(N, _tail_size(K) + 1) if K >= 50 else None  # the largest log weights, for k̂
-        by_k = {k: empty(N) for k in prefix_sizes}
-        kept = empty(N, K) if keep_log_weights else None
-        bar = _progress_bar(len(chunks.data) * len(chunks.particles), progress)
-        # Every row was checked above; Pyro's per-call argument and support checks would cost a
-        # third of the time of each K-particle pass (a Bernoulli decoder's logits, say).
-        with pyro.validation_enabled(False):
-            for rows, x_in, indices in chunks.data:
-                stream = _Stream(rows.stop - rows.start, K, prefix_sizes, x.device)
-                for start, stop in chunks.particles:
-                    log_w = plan.log_weights(model, proposal, x_in, indices, stop - start, vectorize, args, kwargs)
-                    log_w = log_w[:, :rows.stop - rows.start]  # drop the wrap-around padding of the last chunk
-                    stream.update(log_w, start)
-                    if kept is not None:
-                        kept[rows, start:stop] = log_w.T
-                    bar.update(1)
-                for name, value in stream.finish().items():
-                    out[name][rows] = value
-                if top is not None:
-                    top[rows] = stream.top
-                for k in prefix_sizes:
-                    by_k[k][rows] = stream.by_k[k]
-        bar.close()
-        out["pareto_k"] = pareto_k_hat(top, K) if top is not None else torch.full_like(out["log_px"], math.nan)
-    result = LogPxEstimate(**out, num_samples=K, method=method, log_px_by_k=by_k, log_weights=kept)
+            _validate(model, proposal, x, layout, batching.max_batch, args, kwargs)
+        result = _importance_sampling(model, proposal, x, num_samples, layout, batching,
+                                      _prefix_sizes(prefix_sizes, num_samples), keep_log_weights, progress, args, kwargs)
     bad = result.pareto_k > 0.7
     if warn and bad.any():
-        warnings.warn(f"pareto_k > 0.7 for {int(bad.sum())} of {N} data points (max "
+        warnings.warn(f"pareto_k > 0.7 for {int(bad.sum())} of {len(x)} data points (max "
                       f"{result.pareto_k.max().item():.2f}): their importance weights are heavy-tailed "
                       f"and log_px is unreliable there; use a better guide or more samples", stacklevel=2)
     return result
 
 
-def _check_inputs(x, num_samples, method, guide, max_batch) -> torch.Tensor:
+def _importance_sampling(model, proposal, x, K, layout, batching, prefix_sizes, keep, progress, args, kwargs):
+    N = x.shape[0]
+    ranges, pieces = batching.passes(layout, x, K)
+    empty = lambda *shape: torch.empty(*shape, dtype=torch.float64, device=x.device)  # noqa: E731
+    out = {name: empty(N) for name in _Stream.fields}
+    top = empty(N, tail_size(K) + 1) if K >= 50 else None  # the largest log weights, for k̂
+    by_k = {k: empty(N) for k in prefix_sizes}
+    kept = empty(N, K) if keep else None
+    bar = progress_bar(len(pieces) * len(ranges), "log p(x)", "pass", progress)
+    # Every row was checked by _validate; Pyro's per-call argument and support checks would cost a
+    # third of the time of each K-particle pass (a Bernoulli decoder's logits, say).
+    with pyro.validation_enabled(False):
+        for rows, x_in, indices in pieces:
+            n = rows.stop - rows.start
+            stream = _Stream(n, K, prefix_sizes, x.device)
+            for start, stop in ranges:
+                log_w = _log_weights(model, proposal, x_in, layout, stop - start, batching.vectorize, indices,
+                                     args, kwargs)[:, :n]  # drop the wrap-around padding of the last piece
+                stream.update(log_w, start)
+                if kept is not None:
+                    kept[rows, start:stop] = log_w.T
+                bar.update(1)
+            for name, value in stream.finish().items():
+                out[name][rows] = value
+            if top is not None:
+                top[rows] = stream.top
+            for k in prefix_sizes:
+                by_k[k][rows] = stream.by_k[k]
+    bar.close()
+    out["pareto_k"] = pareto_k_hat(top, K) if top is not None else torch.full_like(out["log_px"], math.nan)
+    return LogPxEstimate(**out, num_samples=K, method="guide" if proposal is not _prior_proposal else "prior",
+                         log_px_by_k=by_k, log_weights=kept)
+
+
+def _log_weights(model, proposal, x, layout, num_particles, vectorize, indices, args, kwargs) -> torch.Tensor:
+    """log w = log p(x, z) − log r(z | x), shape (num_particles, n), float64."""
+    P = num_particles if vectorize else None
+    guide_tr, model_tr = traces.trace_pair(model, proposal, (x, *args), kwargs, layout, P, indices=indices)
+    log_p, log_r = traces.log_densities(guide_tr, model_tr, layout, num_particles)
+    log_w = log_p - log_r
+    if torch.isnan(log_w).any():
+        raise ValueError("a log weight is NaN: the model or guide produced NaN densities; check the "
+                         "parameters and that x lies in the support of the likelihood")
+    return log_w
+
+
+def _inspect(model, proposal, x0, data_plate, args, kwargs) -> traces.Layout:
+    try:
+        guide_tr, model_tr = traces.dry_run(model, proposal, (x0, *args), kwargs)
+    except (ValueError, RuntimeError, IndexError, TypeError) as e:
+        raise ValueError(f"model/guide failed on x of shape {tuple(x0.shape)} ({_one_line(e)}); check that x "
+                         f"has the shape the model expects, one row per data point") from e
+    return traces.layout(guide_tr, model_tr, data_plate, num_rows=x0.shape[0])
+
+
+def _validate(model, proposal, x, layout, max_batch, args, kwargs) -> None:
+    """One particle for every row of x under Pyro's validation: the checks of x's support and of
+    the distributions' parameters that the K-particle passes then skip."""
+    N, B = x.shape[0], layout.subsample_size
+    step = B or max_batch
+    with traces.preserve_rng():
+        for start in range(0, N, step):
+            x_in, indices = (x[start:start + step], None) if B is None else (
+                x, torch.arange(start, start + B, device=x.device) % N)
+            try:
+                _log_weights(model, proposal, x_in, layout, 1, False, indices, args, kwargs)
+            except ValueError as e:
+                raise ValueError(f"the model rejects rows {start}-{min(start + step, N) - 1} of x ({_one_line(e)}); "
+                                 f"check that x lies in the support of the likelihood") from e
+
+
+def _check_inputs(x, num_samples, method, guide, batching) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor with one row per data point, got {type(x).__name__}; "
                         f"convert it with torch.as_tensor(x)")
@@ -177,14 +245,12 @@ def _check_inputs(x, num_samples, method, guide, max_batch) -> torch.Tensor:
         rows = torch.isnan(x.reshape(len(x), -1)).any(1).nonzero().flatten()
         raise ValueError(f"x contains NaN in {len(rows)} row(s) (first: {rows[:5].tolist()}); "
                          f"remove or impute them before estimating log p(x)")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    positive_int(num_samples, "num_samples")
     if method not in ("guide", "prior", "exact"):
         raise ValueError(f"method must be 'guide', 'prior' or 'exact', got {method!r}")
     if method == "guide" and guide is None:
         raise ValueError("method='guide' needs a guide; pass one, or use method='prior' to sample z from the prior")
-    if not (isinstance(max_batch, int) and max_batch >= 1):
-        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    positive_int(batching.max_batch, "batching.max_batch")
     return x
 
 
@@ -212,192 +278,27 @@ def _prefix_sizes(prefix_sizes, K: int) -> tuple:
     return tuple(sizes)
 
 
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm  # lazy: the core imports only torch, pyro, numpy
-    return tqdm(total=total, desc="log p(x)", unit="pass")
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-class _ForceSubsample(Messenger):
-    """Sets the indices of the data plate's subsample, so every point is visited exactly once."""
-
-    def __init__(self, name: str, indices: torch.Tensor | None):
-        super().__init__()
-        self.name, self.indices = name, indices
-
-    def _pyro_sample(self, msg):
-        if self.indices is not None and msg["name"] == self.name and isinstance(msg["fn"], _Subsample):
-            msg["value"] = self.indices
-
-
-def _site_kind(site) -> str | None:
-    """'observed', 'latent', or None for sites that carry no density (plates' subsample, deterministic)."""
-    if site["type"] != "sample" or isinstance(site["fn"], _Subsample) or site["infer"].get("_deterministic"):
-        return None
-    return "observed" if site["is_observed"] else "latent"
-
-
-@dataclass
-class _Chunks:
-    data: list        # (rows into x, x passed to the model, forced data-plate indices or None)
-    particles: list   # (start, stop) particle ranges
-
-
-@dataclass
-class _Plan:
-    """What one dry run (one particle, no particle plate) learns about the model and guide."""
-
-    data_plate_name: str
-    data_dim: int               # the data plate's dim (negative)
-    max_plate_nesting: int      # the particle plate goes at dim -(max_plate_nesting + 1)
-    subsample_size: int | None  # set when the data plate subsamples the rows of x itself
-
-    @classmethod
-    def inspect(cls, model, guide, x0, data_plate, args, kwargs) -> "_Plan":
-        try:
-            with torch.random.fork_rng(devices=[]):  # the dry run leaves the random stream untouched
-                guide_tr, model_tr = _traces(model, guide, x0, args, kwargs)
-        except (ValueError, RuntimeError, IndexError, TypeError) as e:
-            raise ValueError(f"model/guide failed on x of shape {tuple(x0.shape)} ({_one_line(e)}); check "
-                             f"that x has the shape the model expects, one row per data point") from e
-        frames = []
-        for trace_name, tr in (("guide", guide_tr), ("model", model_tr)):
-            for name, site in tr.nodes.items():
-                kind = _site_kind(site)
-                if kind is None:
-                    continue
-                if trace_name == "guide":
-                    if kind == "observed":
-                        raise ValueError(f"guide site '{name}' is observed; a guide may only sample latents")
-                    if name not in model_tr.nodes:
-                        raise ValueError(f"guide site '{name}' does not appear in the model; the weight "
-                                         f"p(x, z)/q(z|x) needs every guide latent to be a model latent")
-                data = [f for f in site["cond_indep_stack"] if f.name == data_plate]
-                if not data:
-                    raise ValueError(
-                        f"{kind} site '{name}' of the {trace_name} is outside pyro.plate('{data_plate}'): "
-                        f"with sites shared by all data points a per-point log p(x) is undefined; put it "
-                        f"inside the data plate (or pass data_plate='<name>' if yours is named differently)")
-                if data[0].dim is None:
-                    raise ValueError(f"pyro.plate('{data_plate}') is used as an iterator; use it as a "
-                                     f"vectorized context, `with pyro.plate('{data_plate}', N):`")
-                frames += [f for f in site["cond_indep_stack"] if f.vectorized]
-                frames += data
-        data_frames = {(f.dim, f.size, f.full_size) for f in frames if f.name == data_plate}
-        if not data_frames:
-            raise ValueError(f"no sample site inside pyro.plate('{data_plate}'); pass data_plate='<name>' "
-                             f"if your data plate has another name")
-        if len(data_frames) > 1:
-            raise ValueError(f"pyro.plate('{data_plate}') has different dims/sizes in model and guide: "
-                             f"{sorted(data_frames)}; use the same plate in both")
-        dim, size, full_size = data_frames.pop()
-        n0 = x0.shape[0]
-        if size == n0:
-            subsample_size = None  # plain, or a minibatch of a larger set: rows of x map to the plate
-        elif size < n0 and full_size == n0:
-            subsample_size = size  # the plate draws `size` of the rows of x: we choose which
-        else:
-            raise ValueError(f"pyro.plate('{data_plate}') has size {size} but x has {n0} rows; the first "
-                             f"dimension of x must index the data points of the plate")
-        return cls(data_plate, dim, max(-f.dim for f in frames), subsample_size)
-
-    def validate(self, model, guide, x, max_batch, args, kwargs) -> None:
-        """One particle for every row of x under Pyro's validation: the checks of x's support and of
-        the distributions' parameters that the K-particle passes then skip."""
-        N, B = x.shape[0], self.subsample_size
-        pieces = ([(s, x[s:s + max_batch], None) for s in range(0, N, max_batch)] if B is None else
-                  [(s, x, torch.arange(s, s + B, device=x.device) % N) for s in range(0, N, B)])
-        with torch.random.fork_rng(devices=[]):
-            for start, x_in, indices in pieces:
-                try:
-                    self.log_weights(model, guide, x_in, indices, 1, False, args, kwargs)
-                except ValueError as e:
-                    stop = min(start + (B or max_batch), N) - 1
-                    raise ValueError(f"the model rejects rows {start}-{stop} of x ({_one_line(e)}); check "
-                                     f"that x lies in the support of the likelihood") from e
-
-    def chunks(self, x, K, max_batch, particle_chunk, data_chunk, vectorize) -> _Chunks:
-        N = x.shape[0]
-        if not vectorize:
-            particle_chunk = 1
-        if self.subsample_size is not None:
-            data_chunk = self.subsample_size  # fixed by the model's plate
-        particle_chunk = particle_chunk or min(K, max(1, max_batch // (data_chunk or 1)))
-        data_chunk = min(N, data_chunk or max(1, max_batch // particle_chunk))
-        particles = [(s, min(s + particle_chunk, K)) for s in range(0, K, particle_chunk)]
-        data = []
-        for s in range(0, N, data_chunk):
-            rows = slice(s, min(s + data_chunk, N))
-            if self.subsample_size is None:
-                data.append((rows, x[rows], None))
-            else:  # pass all of x; force the plate's indices, wrapping around to fill the last chunk
-                data.append((rows, x, torch.arange(s, s + data_chunk, device=x.device) % N))
-        return _Chunks(data, particles)
-
-    def log_weights(self, model, guide, x, indices, num_particles, vectorize, args, kwargs) -> torch.Tensor:
-        """log w, shape (num_particles, n) in float64: Σ log p over model sites − Σ log q over guide sites."""
-        with _ForceSubsample(self.data_plate_name, indices):
-            if vectorize:
-                particles = pyro.plate(_PARTICLES, num_particles, dim=-(self.max_plate_nesting + 1))
-                guide_tr, model_tr = _traces(_within(particles, model), _within(particles, guide), x, args, kwargs)
-            else:
-                guide_tr, model_tr = _traces(model, guide, x, args, kwargs)
-        n = len(indices) if indices is not None else x.shape[0]
-        log_w = torch.zeros(num_particles, n, dtype=torch.float64, device=x.device)
-        for sign, tr in ((1.0, model_tr), (-1.0, guide_tr)):
-            for name, site in tr.nodes.items():
-                kind = _site_kind(site)
-                if kind is None or (tr is model_tr and kind == "latent" and name not in guide_tr.nodes):
-                    continue  # a model-only latent is drawn from p(z_j | ...), which cancels in w
-                log_w += sign * self._per_point(name, site, num_particles, n)
-        if torch.isnan(log_w).any():
-            raise ValueError("a log weight is NaN: the model or guide produced NaN densities; check the "
-                             "parameters and that x lies in the support of the likelihood")
-        return log_w
-
-    def _per_point(self, name, site, num_particles, n) -> torch.Tensor:
-        """The site's unscaled, masked log-density summed over all dims but particle and data: (P, n)."""
-        log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])  # unscaled
-        mask = site["mask"]
-        if mask is False:
-            log_p = torch.zeros_like(log_p)
-        elif isinstance(mask, torch.Tensor):
-            log_p = torch.where(mask, log_p, log_p.new_zeros(()))
-        batch_dims = self.max_plate_nesting + 1
-        if log_p.dim() > batch_dims:
-            raise ValueError(f"site '{name}' has log_prob shape {tuple(log_p.shape)}, more batch dims than "
-                             f"plates; declare the extra dims with .to_event(...) or a pyro.plate")
-        log_p = log_p.double().reshape((1,) * (batch_dims - log_p.dim()) + log_p.shape)
-        data_axis = batch_dims + self.data_dim
-        other = [a for a in range(1, batch_dims) if a != data_axis]
-        log_p = log_p.sum(other, keepdim=True) if other else log_p
-        return log_p.reshape(log_p.shape[0], log_p.shape[data_axis]).expand(num_particles, n)
-
-
 def _one_line(error: Exception) -> str:
     return f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0]
 
 
-def _within(plate, fn):
-    def wrapped(*args, **kwargs):
-        with plate:
-            return fn(*args, **kwargs)
-    return wrapped
+def progress_bar(total: int, desc: str, unit: str, enabled: bool):
+    """A tqdm bar, or a silent stand-in when ``enabled`` is False (tqdm is imported only then)."""
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm  # lazy: the core imports only torch, pyro, numpy
+    return tqdm(total=total, desc=desc, unit=unit)
 
 
-def _traces(model, guide, x, args, kwargs):
-    guide_tr = poutine.trace(guide).get_trace(x, *args, **kwargs)
-    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x, *args, **kwargs)
-    return guide_tr, model_tr
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
 
 
 class _Stream:
@@ -415,7 +316,7 @@ class _Stream:
         self.lse = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
         self.lse2 = self.lse.clone()
         self.shift = self.s1 = self.s2 = None
-        self.tail = _tail_size(K) + 1 if K >= 50 else 0
+        self.tail = tail_size(K) + 1 if K >= 50 else 0
         self.top = self.lse.new_empty(n, 0)
         self.by_k = {}
 
@@ -445,71 +346,3 @@ class _Stream:
         stderr = ((K / ess - 1).clamp(min=0) / (K - 1)).sqrt() if K > 1 else torch.full_like(ess, math.nan)
         return {"log_px": self.lse - math.log(K), "elbo": self.shift + self.s1 / K, "stderr": stderr,
                 "elbo_stderr": (var.clamp(min=0) / K).sqrt(), "ess": ess}
-
-
-_CONSTANT = 1e-6  # log-weight spread below which the largest weights count as equal
-
-
-def _tail_size(K: int) -> int:
-    """M = ceil(min(K/5, 3√K)), the number of largest weights PSIS fits (as pyro's psis_diagnostic)."""
-    return int(math.ceil(min(0.2 * K, 3.0 * math.sqrt(K))))
-
-
-def pareto_k_hat(log_weights: torch.Tensor, num_samples: int | None = None, row_chunk: int = 256) -> torch.Tensor:
-    """PSIS k̂ per row: the generalized Pareto shape fitted to the M largest importance weights.
-
-    Follows ``pyro.infer.importance.psis_diagnostic``, vectorized over rows: with the log weights
-    shifted so their maximum is 0, the cutoff u is the (M+1)-th largest (floored at log 1e-15), the
-    tail is the weights above it, and the fit (Zhang & Stephens, 2009, as in
-    ``pyro.ops.stats.fit_generalized_pareto``) is applied to exp(tail) − exp(u).
-    Special values: NaN when K < 50 (too few tail weights to fit); +inf when fewer than 10 of the
-    M largest weights are within 1e15 of the largest (one weight dominates: pyro also says inf);
-    −inf when the M + 1 largest weights agree within 1e-6 relative, or fewer than 10 of them
-    exceed the cutoff because of ties (bounded weights, e.g. the exact posterior as guide, or a
-    discrete latent with few values).
-
-    :param log_weights: (N, L) log weights; only the M + 1 largest of each row are used, so L may be
-        that many (the rest of the K samples dropped) when ``num_samples`` = K is given.
-    """
-    K = num_samples or log_weights.shape[-1]
-    M = _tail_size(K)
-    top = log_weights.double().topk(min(M + 1, log_weights.shape[-1]), dim=-1).values
-    result = torch.full_like(top[:, 0], math.nan)
-    if top.shape[-1] < M + 1 or M < 10:
-        return result
-    row_max = top[:, 0].clone()
-    top = top - top[:, :1]
-    cutoff = top[:, M].clamp(min=math.log(1e-15))
-    counts = (top[:, :M] > cutoff[:, None]).sum(1)  # the exceedances are a prefix: rows are sorted
-    # Too few exceedances: either ties at the top (bounded weights, e.g. a discrete latent with few
-    # values) or one weight dwarfs the rest by > 1e15 (degenerate: pyro's psis_diagnostic says inf).
-    few, dwarfed = counts < 10, top[:, M] < math.log(1e-15)
-    result[few & dwarfed], result[few & ~dwarfed] = math.inf, -math.inf
-    result[top[:, M] > -_CONSTANT] = -math.inf      # weights equal: bounded, the estimate exact
-    for n in counts.unique().tolist():
-        if n < 10:
-            continue
-        rows = ((counts == n) & (top[:, M] <= -_CONSTANT)).nonzero().flatten()
-        if len(rows) == 0:
-            continue
-        for chunk in rows.split(row_chunk):  # bounds the (rows, grid, n) intermediate
-            exceed = top[chunk, :n].flip(-1).exp() - cutoff[chunk, None].exp()  # ascending
-            result[chunk] = _fit_gpd_shape(exceed)
-    result[~torch.isfinite(row_max)] = math.nan  # all weights 0 (or one infinite): nothing to fit
-    return result
-
-
-def _fit_gpd_shape(X: torch.Tensor) -> torch.Tensor:
-    """Generalized Pareto shape k for each row of X (rows ascending, > 0), Zhang & Stephens with a
-    weak prior toward 0.5 — line for line ``pyro.ops.stats.fit_generalized_pareto``, batched."""
-    N = X.shape[-1]
-    M = 30 + int(math.sqrt(N))
-    grid = 1.0 - math.sqrt(M) / (torch.arange(1, M + 1, dtype=X.dtype, device=X.device) - 0.5).sqrt()
-    bs = grid / (3.0 * X[:, int(N / 4 - 0.5), None]) + 1 / X[:, -1:]                  # (R, M), b = k/σ
-    ks = torch.log1p(-bs.unsqueeze(-1) * X.unsqueeze(-2)).mean(-1)                    # (R, M)
-    Ls = N * (torch.log(-bs / ks) - (ks + 1.0))                                        # profile log-lik
-    weights = 1.0 / torch.exp(Ls.unsqueeze(-2) - Ls.unsqueeze(-1)).sum(-1)            # posterior of b
-    weights = torch.where(weights > 1.0e-30, weights, torch.zeros_like(weights))
-    b = (bs * weights).sum(-1) / weights.sum(-1)
-    k = torch.log1p(-b.unsqueeze(-1) * X).mean(-1)
-    return k * N / (N + 10.0) + 5.0 / (N + 10.0)

@@ -19,10 +19,9 @@ from contextlib import contextmanager
 
 import pyro
 import torch
-from pyro import poutine
 from torch import nn
-from torch.distributions import kl_divergence
 
+from . import traces
 from .guides import Guide
 from .likelihoods import Likelihood
 from .priors import Prior
@@ -89,18 +88,9 @@ class VAE(nn.Module):
     @torch.no_grad()
     def elbo_terms(self, x: torch.Tensor):
         """Per-point ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)), each term estimated with one
-        z ~ q(z|x). The KL is analytic where torch has it registered for (q, p), else the
-        single-sample Monte Carlo estimate log q(z|x) - log p(z). Returns (log_lik, kl), shape (N,)."""
-        guide_tr = poutine.trace(self.guide).get_trace(x)
-        model_tr = poutine.trace(poutine.replay(self.model, trace=guide_tr)).get_trace(x)
-        log_lik = model_tr.nodes["x"]["fn"].log_prob(x)
-        q, p = guide_tr.nodes["z"]["fn"], model_tr.nodes["z"]["fn"]
-        try:
-            kl = kl_divergence(q, p)
-        except NotImplementedError:
-            z = guide_tr.nodes["z"]["value"]
-            kl = q.log_prob(z) - p.log_prob(z)
-        return log_lik, kl
+        z ~ q(z|x); the KL analytic where torch has it for (q, p) (:func:`pyro_vae.traces.elbo_terms`).
+        Returns (log_lik, kl), shape (N,)."""
+        return traces.elbo_terms(self.model, self.guide, x)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, num_samples: int = 64) -> torch.Tensor:

@@ -16,7 +16,8 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 from pyro.ops.stats import fit_generalized_pareto
 
-from pyro_vae.marginal import LogPxEstimate, estimate_log_px, pareto_k_hat
+from pyro_vae.marginal import Batching, LogPxEstimate, estimate_log_px
+from pyro_vae.psis import pareto_k_hat
 from pyro_vae.models.gaussian_mixture import GaussianMixture
 from pyro_vae.models.linear_gaussian import LinearGaussian, LinearGaussianGuide
 
@@ -24,9 +25,11 @@ F32_EPS = torch.finfo(torch.float32).eps
 
 
 def estimate(model, guide, x, K, **kw):
+    """estimate_log_px, seeded and silent; Batching's fields may be given as keywords."""
     kw.setdefault("progress", False)
     kw.setdefault("seed", 0)
-    return estimate_log_px(model, guide, x, K, **kw)
+    fields = {k: kw.pop(k) for k in ("max_batch", "particles", "points", "vectorize") if k in kw}
+    return estimate_log_px(model, guide, x, K, batching=Batching(**fields), **kw)
 
 
 def assert_within_stderr(result, exact, num_se=4.0):
@@ -222,10 +225,10 @@ def test_subsampled_data_plate_gives_the_same_per_point_answers(lg):
             yield idx
 
     x = lg.sample(12, seed=4)  # 12 = 3 B: the same draws in the same order as the plain run
-    plain = estimate(lg.model, q.guide, x, 300, data_chunk=B)
+    plain = estimate(lg.model, q.guide, x, 300, points=B)
     for plate in (picks_B, minibatch):
         model, guide = _subsampled(lg, q, plate)
-        torch.testing.assert_close(estimate(model, guide, x, 300, data_chunk=B).log_px, plain.log_px,
+        torch.testing.assert_close(estimate(model, guide, x, 300, points=B).log_px, plain.log_px,
                                    rtol=0, atol=1e-10)
     # Every point visited once also when B does not divide N (the last chunk wraps around).
     x = lg.sample(10, seed=1)
@@ -273,7 +276,7 @@ def test_model_only_latent_is_drawn_from_the_model(lg):
 def test_streaming_matches_direct_computation(lg):
     x = lg.sample(7, seed=6)
     guide = LinearGaussianGuide.perturbed(lg, 0.8, 0.7).guide
-    r = estimate(lg.model, guide, x, 503, particle_chunk=37, data_chunk=3, keep_log_weights=True,
+    r = estimate(lg.model, guide, x, 503, particles=37, points=3, keep_log_weights=True,
                  prefix_sizes=(1, 40, 503), warn=False)
     lw, K = r.log_weights, 503
     torch.testing.assert_close(r.log_px, lw.logsumexp(1) - math.log(K))
@@ -291,7 +294,7 @@ def test_streaming_matches_direct_computation(lg):
 def test_chunking_and_vectorization_do_not_change_the_answer(lg):
     x = lg.sample(9, seed=6)
     guide = LinearGaussianGuide.exact(lg).guide
-    for kw in [dict(vectorize=False), dict(max_batch=5), dict(particle_chunk=3, data_chunk=2)]:
+    for kw in [dict(vectorize=False), dict(max_batch=5), dict(particles=3, points=2)]:
         torch.testing.assert_close(estimate(lg.model, guide, x, 11, **kw).log_px, lg.log_px(x), rtol=0, atol=1e-10)
     imperfect = LinearGaussianGuide.perturbed(lg).guide
     assert_within_stderr(estimate(lg.model, imperfect, x, 200, vectorize=False), lg.log_px(x))
@@ -398,7 +401,7 @@ def test_vae_matches_direct_importance_sampling_and_ignores_num_data():
            "guide": {"name": "diagonal_normal"}, "likelihood": {"name": "bernoulli"}}
     vae = build_vae(cfg, data_dim=12).eval()
     x = torch.bernoulli(torch.full((15, 12), 0.3), generator=torch.Generator().manual_seed(1))
-    ours = estimate(vae.model, vae.guide, x, 2000, data_chunk=15, particle_chunk=2000, seed=0, warn=False)
+    ours = estimate(vae.model, vae.guide, x, 2000, points=15, particles=2000, seed=0, warn=False)
     # The same estimator written against the VAE's distributions, no Pyro traces. Same seed and the
     # same rsample call (the guide's, expanded by the particle and data plates, one chunk): the same z.
     torch.manual_seed(0)
@@ -412,7 +415,7 @@ def test_vae_matches_direct_importance_sampling_and_ignores_num_data():
     tol = 4 * F32_EPS * sum(t.abs().double() for t in terms).max(0).values
     assert ((ours.log_px - direct).abs() <= tol).all()
     # A minibatch's subsampling scale (num_data / len(x)) must not reach the per-point estimate.
-    scaled = estimate(vae.model, vae.guide, x, 2000, data_chunk=15, particle_chunk=2000, kwargs={"num_data": 60000},
+    scaled = estimate(vae.model, vae.guide, x, 2000, points=15, particles=2000, kwargs={"num_data": 60000},
                       seed=0, warn=False)
     torch.testing.assert_close(scaled.log_px, ours.log_px, rtol=0, atol=1e-10)
 

@@ -70,7 +70,7 @@ class _ExplodesAtEpoch3(Objective):
     def on_epoch(self, epoch):
         self.epoch = epoch
 
-    def _loss(self, model, guide, *args, **kwargs):
+    def _loss(self, model, guide, prepared, *args, **kwargs):
         loss = self.elbo.differentiable_loss(model, guide, *args, **kwargs)
         return loss * float("nan") if self.epoch == 3 else loss
 
