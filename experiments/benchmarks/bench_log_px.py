@@ -39,7 +39,7 @@ from pyro.infer import Importance, Trace_ELBO
 from pyro_vae import build_vae, load_dataset
 from pyro_vae.data import TEST_BINARIZATION_SEED, binarize_fixed
 from pyro_vae.guides import MIN_SCALE
-from pyro_vae.marginal import estimate_log_px
+from pyro_vae.marginal import Batching, estimate_log_px
 from pyro_vae.train import train_epoch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -191,7 +191,7 @@ def memory_worker(folder: str, K: int, max_batch: int) -> None:
     with open("/proc/self/status") as f:
         before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
     start = time.perf_counter()
-    result = estimate_log_px(vae.model, vae.guide, x, K, max_batch=max_batch, seed=0, progress=False, warn=False)
+    result = estimate_log_px(vae.model, vae.guide, x, K, batching=Batching(max_batch), seed=0, progress=False, warn=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"estimate_log_px K={K} on {len(x)} images, max_batch={max_batch}: {time.perf_counter() - start:.0f} s, "
           f"mean log p(x) {result.log_px.mean():.2f}; peak RSS {peak:.0f} MiB, of which {before:.0f} MiB "
@@ -228,7 +228,7 @@ def main():
     ours_t, hand_t = [], []
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both alike
         with vae.without_param_store():  # as `pyro-vae evaluate` (pyro_vae.experiment) calls it
-            t, ours = timed(lambda: estimate_log_px(vae.model, vae.guide, x, K, max_batch=args.max_batch,
+            t, ours = timed(lambda: estimate_log_px(vae.model, vae.guide, x, K, batching=Batching(args.max_batch),
                                                     progress=False, warn=False), 1)
         ours_t += t
         t, hand = timed(lambda: hand_written_iwae(vae, x, K, args.max_batch), 1)
