@@ -99,6 +99,12 @@ def test_bad_guide_options():
         FullNormalGuide(4, 2, off_diagonal_scale=0)
     with pytest.raises(ValueError, match="num_flows must be an integer >= 1"):
         IAFGuide(4, 2, num_flows=0)
+    with pytest.raises(ValueError, match=r"guide.context_dim must be an integer >= 1, got 2.5"):
+        IAFGuide(4, 2, context_dim=2.5)
+    with pytest.raises(ValueError, match=r"guide.flow_hidden must be an integer >= 1, got 0"):
+        IAFGuide(4, 2, flow_hidden=[8, 0])
+    with pytest.raises(ValueError, match=r"latent_dim must be an integer >= 1, got 0"):
+        DiagonalNormalGuide(4, 0)
     with pytest.raises(ValueError, match="latent_dim >= 2"):
         IAFGuide(4, 1)
     with pytest.raises(ValueError, match="has no option 'numflows'; its options are: num_flows, context_dim, flow_hidden"):

@@ -103,6 +103,12 @@ def test_flow_prior_is_normalized_invertible_and_matches_the_change_of_variables
 def test_bad_prior_options_say_what_is_allowed():
     with pytest.raises(ValueError, match="num_components must be an integer >= 1"):
         MixturePrior(2, num_components=0)
+    with pytest.raises(ValueError, match=r"prior.num_components must be an integer >= 1, got 2.5"):
+        VampPrior(2, DiagonalNormalGuide(4, 2, hidden=[8]), num_components=2.5)
+    with pytest.raises(ValueError, match=r"prior.num_flows must be an integer >= 1, got True"):
+        FlowPrior(2, num_flows=True)
+    with pytest.raises(ValueError, match=r"prior.flow_hidden must be an integer >= 1, got 0"):
+        FlowPrior(2, flow_hidden=[0])
     with pytest.raises(ValueError, match="flow_type must be one of affine, spline"):
         FlowPrior(2, flow_type="planar")
     with pytest.raises(ValueError, match="latent_dim >= 2"):
