@@ -60,7 +60,7 @@ class MixturePrior(Prior):
     with the logits, the means m_k and the raw scales ρ_k all learned. The means start at
     N(0, init_spread²) draws, the scales at 1 and the weights equal; ``forward()`` returns a
     :class:`DiagonalNormalMixture`. KL(q || p) has no closed form, so ``objective=mean_field``
-    estimates it by Monte Carlo (its ``fallback``).
+    estimates it by Monte Carlo (its default ``fallback="mc"``).
 
     :param int latent_dim: dimension of z.
     :param int num_components: number of components K >= 1. Default is 10.
