@@ -1,4 +1,4 @@
-"""Named datasets with the splits of DESIGN.md's Protocols, so numbers compare across runs.
+"""Named datasets with fixed splits (below), so numbers compare across runs.
 
 - ``digits``  (scikit-learn, 1797 8x8 images, values /16): permutation by RandomState(0),
   first 1438 train, remaining 359 test.

@@ -14,6 +14,7 @@ from pyro.nn import ConditionalAutoRegressiveNN
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence, register_kl
 from torch import nn
 
+from .checks import positive_int
 from .nets import mlp
 from .registry import Registry
 
@@ -23,11 +24,17 @@ MIN_SCALE = 1e-5  # keeps sigma(x) away from 0, where log q(z|x) overflows
 
 
 class Guide(nn.Module):
-    """Base class of amortized guides q(z|x)."""
+    """Base class of amortized guides q(z|x) over a ``latent_dim``-dimensional z given a
+    ``data_dim``-dimensional x.
+
+    :param int data_dim: dimension D of x, >= 1.
+    :param int latent_dim: dimension d of z, >= 1.
+    """
 
     def __init__(self, data_dim: int, latent_dim: int):
         super().__init__()
-        self.data_dim, self.latent_dim = int(data_dim), int(latent_dim)
+        self.data_dim = positive_int(data_dim, "data_dim")
+        self.latent_dim = positive_int(latent_dim, "latent_dim")
 
     def forward(self, x) -> dist.TorchDistribution:  # pragma: no cover - interface
         raise NotImplementedError
@@ -35,9 +42,18 @@ class Guide(nn.Module):
 
 @GUIDES.register("diagonal_normal")
 class DiagonalNormalGuide(Guide):
-    """q(z|x) = N(z; mu(x), diag sigma(x)^2), with mu and sigma = softplus(.) + MIN_SCALE from one
-    encoder MLP ``D -> hidden -> 2 * latent_dim``. Sampling is reparameterized:
-    z = mu(x) + sigma(x) * eps, eps ~ N(0, I)."""
+    """The diagonal Gaussian guide
+
+        q(z|x) = N(z; μ(x), diag σ(x)²),   [μ(x), ρ(x)] = encoder(x),   σ(x) = softplus(ρ(x)) + MIN_SCALE,
+
+    with one encoder MLP ``D -> hidden -> 2 d``. Sampling is reparameterized:
+    z = μ(x) + σ(x) ε, ε ~ N(0, I).
+
+    :param int data_dim: dimension D of x.
+    :param int latent_dim: dimension d of z.
+    :param hidden: the encoder's hidden layer sizes. Default is (200, 200).
+    :param str activation: the encoder's activation (see :func:`pyro_vae.nets.mlp`). Default is ``"tanh"``.
+    """
 
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (200, 200),
                  activation: str = "tanh"):
@@ -51,16 +67,24 @@ class DiagonalNormalGuide(Guide):
 
 @GUIDES.register("full_normal")
 class FullNormalGuide(Guide):
-    """q(z|x) = N(z; mu(x), L(x) L(x)^T) with a full covariance: the encoder MLP outputs mu, the
-    diagonal of the Cholesky factor L (softplus(.) + MIN_SCALE > 0) and its d(d-1)/2 strictly lower
-    entries, times ``off_diagonal_scale``. Reparameterized: z = mu(x) + L(x) eps, eps ~ N(0, I).
+    """The full-covariance Gaussian guide
 
-    The scale (default 0.1) slows the off-diagonal head under Adam, whose steps have a fixed size
-    whatever the gradient's: at scale 1 and lr 1e-3, one-sample gradients for the 1225 entries
-    (d = 50) are mostly noise and training *lowers* the ELBO of a guide started at a trained
-    diagonal one (mnist5k: −122.0 → −126.3 in 3 epochs, frozen decoder); at 0.1 it rises above the
-    diagonal guide's (−121.3 vs −121.6). Measured with torch's default initialization, before
-    ``nets.mlp`` switched to He; see experiments/compare_models/frozen_decoder.py."""
+        q(z|x) = N(z; μ(x), L(x) L(x)ᵀ),   L_ii = softplus(ρ_i(x)) + MIN_SCALE,   L_ij = c · a_ij(x) (i > j),
+
+    where one encoder MLP ``D -> hidden -> 2 d + d(d-1)/2`` outputs μ, the raw diagonal ρ of the
+    Cholesky factor L and its d(d-1)/2 strictly lower entries a, and c is ``off_diagonal_scale``.
+    The off-diagonal head starts at zero, so q starts diagonal. Sampling is reparameterized:
+    z = μ(x) + L(x) ε, ε ~ N(0, I).
+
+    :param int data_dim: dimension D of x.
+    :param int latent_dim: dimension d of z.
+    :param hidden: the encoder's hidden layer sizes. Default is (200, 200).
+    :param str activation: the encoder's activation (see :func:`pyro_vae.nets.mlp`). Default is ``"tanh"``.
+    :param float off_diagonal_scale: c > 0. Default is 0.1: under Adam, whose steps have a fixed
+        size whatever the gradient's, it slows the noisy off-diagonal head tenfold (why:
+        experiments/compare_models/results.md, section "Earlier disagreements, and why",
+        paragraph "Full covariance below diagonal").
+    """
 
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (200, 200),
                  activation: str = "tanh", off_diagonal_scale: float = 0.1):
@@ -72,8 +96,8 @@ class FullNormalGuide(Guide):
         self.net = mlp([self.data_dim, *hidden, 2 * d + d * (d - 1) // 2], activation)
         self.register_buffer("lower", torch.tril_indices(d, d, offset=-1))
         # Start from a diagonal covariance: with a random head each row of L sums up to d-1 random
-        # off-diagonal outputs, which nearly doubled the initial KL(q || p) at d = 50 on mnist5k
-        # (9.4 vs 5.3 nats per image, measured with torch's default initialization).
+        # off-diagonal outputs, which inflates the initial KL(q || p) (experiments/compare_models/
+        # results.md, paragraph "Full covariance below diagonal").
         with torch.no_grad():
             self.net[-1].weight[2 * d:].zero_()
             self.net[-1].bias[2 * d:].zero_()
@@ -91,34 +115,41 @@ class FullNormalGuide(Guide):
 class IAFGuide(Guide):
     """An amortized inverse autoregressive flow (Kingma et al., 2016) on a diagonal Gaussian:
 
-        z_0 = mu(x) + sigma(x) * eps,   eps ~ N(0, I);   [mu, sigma, h] = encoder(x)
-        z_t = s_t * z_{t-1} + (1 - s_t) * m_t,   [m_t, logit s_t] = AR_t(z_{t-1}, h(x)),  t = 1..T
-        log q(z_T|x) = log N(z_0; mu, sigma^2) - sum_t sum_i log s_t,i
+        [μ, ρ, a] = encoder(x),   σ = softplus(ρ) + MIN_SCALE,   h(x) = tanh(a)
+        z_0 = μ + σ ε,   ε ~ N(0, I)
+        [m_t, l_t] = AR_t(z_{t-1}, h(x)),   s_t = sigmoid(l_t + 2),   t = 1..T
+        z_t = s_t z_{t-1} + (1 - s_t) m_t
+        log q(z_T|x) = log N(z_0; μ, diag σ²) - Σ_t Σ_i log s_t,i
 
-    AR_t is an autoregressive network (MADE) that also takes the context h(x); s_t is a sigmoid
-    gate (Pyro's ``ConditionalAffineAutoregressive(stable=True)``); the order of the coordinates is
-    reversed between steps. Sampling is one network pass per step, and scoring the sample just
-    drawn reuses the cached intermediate z_t; scoring any other z inverts the flow (one pass per
-    latent dimension per step).
+    AR_t is an autoregressive network (MADE) that also takes the context h(x), and s_t a sigmoid
+    gate (Pyro's ``ConditionalAffineAutoregressive(stable=True)``, whose default logit bias is the
+    2); the order of the coordinates is reversed between steps. Sampling is one network pass
+    per step, and scoring the sample just drawn reuses the cached intermediate z_t; scoring any
+    other z inverts the flow (one pass per latent dimension per step).
 
-    :param num_flows: T >= 1. :param context_dim: size of h(x). :param flow_hidden: AR hidden sizes.
+    :param int data_dim: dimension D of x.
+    :param int latent_dim: dimension d of z, >= 2 (an autoregressive flow in 1-D is a constant map).
+    :param hidden: the encoder's hidden layer sizes. Default is (200, 200).
+    :param str activation: the encoder's activation (see :func:`pyro_vae.nets.mlp`). Default is ``"tanh"``.
+    :param int num_flows: number of steps T >= 1. Default is 2.
+    :param int context_dim: size of h(x), >= 1. Default is 50.
+    :param flow_hidden: hidden layer sizes of each AR_t. Default is (100,).
     """
 
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (200, 200),
                  activation: str = "tanh", num_flows: int = 2, context_dim: int = 50,
                  flow_hidden: Sequence[int] = (100,)):
         super().__init__(data_dim, latent_dim)
-        if int(num_flows) != num_flows or num_flows < 1:
-            raise ValueError(f"guide.num_flows must be an integer >= 1, got {num_flows!r}")
+        num_flows = positive_int(num_flows, "guide.num_flows")
         if self.latent_dim < 2:
             raise ValueError("an IAF guide needs latent_dim >= 2 (an autoregressive flow in 1-D is a constant map)")
-        self.context_dim = int(context_dim)
+        self.context_dim = positive_int(context_dim, "guide.context_dim")
+        flow_hidden = [positive_int(h, "guide.flow_hidden") for h in flow_hidden]
         self.net = mlp([self.data_dim, *hidden, 2 * self.latent_dim + self.context_dim], activation)
         self.flows = nn.ModuleList([
             T.ConditionalAffineAutoregressive(
-                ConditionalAutoRegressiveNN(self.latent_dim, self.context_dim, [int(h) for h in flow_hidden]),
-                stable=True)
-            for _ in range(int(num_flows))])
+                ConditionalAutoRegressiveNN(self.latent_dim, self.context_dim, flow_hidden), stable=True)
+            for _ in range(num_flows)])
         self.register_buffer("reverse", torch.arange(self.latent_dim - 1, -1, -1))
 
     def forward(self, x):

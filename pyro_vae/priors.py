@@ -1,6 +1,7 @@
 """Priors p(z). Each is an ``nn.Module`` whose ``forward()`` returns a Pyro distribution over z
 with ``event_shape == (latent_dim,)``; the VAE samples it inside the data plate, which broadcasts
-its batch shape. Learnable priors keep their parameters as module parameters."""
+its batch shape. Learnable priors keep their parameters as module parameters, and a config picks
+one by its registered name (``prior=mixture``)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,21 @@ import torch
 from torch import nn
 from torch.distributions import constraints
 
+from .checks import positive_int
 from .registry import Registry
 
 PRIORS = Registry("prior")
 
 
 class Prior(nn.Module):
-    """Base class of priors p(z) over a ``latent_dim``-dimensional latent."""
+    """Base class of priors p(z) over a ``latent_dim``-dimensional latent z.
+
+    :param int latent_dim: dimension of z, >= 1.
+    """
 
     def __init__(self, latent_dim: int):
         super().__init__()
-        self.latent_dim = int(latent_dim)
+        self.latent_dim = positive_int(latent_dim, "latent_dim")
 
     def forward(self) -> dist.TorchDistribution:  # pragma: no cover - interface
         raise NotImplementedError
@@ -31,7 +36,10 @@ class Prior(nn.Module):
 
 @PRIORS.register("standard_normal")
 class StandardNormalPrior(Prior):
-    """p(z) = N(z; 0, I)."""
+    """The standard normal prior p(z) = N(z; 0, I), with nothing to learn.
+
+    :param int latent_dim: dimension of z.
+    """
 
     def __init__(self, latent_dim: int):
         super().__init__(latent_dim)
@@ -45,30 +53,28 @@ class StandardNormalPrior(Prior):
 
 @PRIORS.register("mixture")
 class MixturePrior(Prior):
-    """A learnable mixture of Gaussians with diagonal covariances,
+    """A learnable mixture of K Gaussians with diagonal covariances,
 
-        p(z) = sum_k pi_k N(z; m_k, diag s_k^2),   pi = softmax(logits),  s_k = softplus(.) + 1e-4,
+        p(z) = Σ_k π_k N(z; m_k, diag s_k²),   π = softmax(logits),   s_k = softplus(ρ_k) + 1e-4,
 
-    all of pi, m and s learned. Means start at N(0, init_spread^2) draws, scales at 1, weights equal.
-    There is no closed-form KL(q || p): objectives fall back to Monte Carlo (see ``mean_field``).
+    with the logits, the means m_k and the raw scales ρ_k all learned. The means start at
+    N(0, init_spread²) draws, the scales at 1 and the weights equal; ``forward()`` returns a
+    :class:`DiagonalNormalMixture`. KL(q || p) has no closed form, so ``objective=mean_field``
+    estimates it by Monte Carlo (its default ``fallback="mc"``).
 
-    The small default spread starts p(z) close to N(0, I). At spread 1 in 50 dimensions the
-    components start ~10 apart, the encoder settles on a few of them and the weights follow: on
-    mnist5k (500 components, 100 epochs) 5 components kept the mass, scales and means barely moved
-    from their start, and test log p(x) ended 12 nats below the standard-normal prior's (measured
-    with torch's default initialization, before ``nets.mlp`` switched to He).
-
-    :param num_components: K >= 1.
-    :param init_spread: standard deviation of the initial means (0 makes all components equal).
+    :param int latent_dim: dimension of z.
+    :param int num_components: number of components K >= 1. Default is 10.
+    :param float init_spread: standard deviation of the initial means, >= 0 (0 makes all components
+        equal). Default is 0.1, so that p(z) starts close to N(0, I) and the components separate as
+        they learn (why not 1: experiments/compare_models/results.md, section "Earlier
+        disagreements, and why", paragraph "Mixture prior below the standard normal").
     """
 
     def __init__(self, latent_dim: int, num_components: int = 10, init_spread: float = 0.1):
         super().__init__(latent_dim)
-        if int(num_components) != num_components or num_components < 1:
-            raise ValueError(f"prior.num_components must be an integer >= 1, got {num_components!r}")
+        self.num_components = positive_int(num_components, "prior.num_components")
         if init_spread < 0:
             raise ValueError(f"prior.init_spread must be >= 0, got {init_spread!r}")
-        self.num_components = int(num_components)
         self.logits = nn.Parameter(torch.zeros(self.num_components))
         self.locs = nn.Parameter(init_spread * torch.randn(self.num_components, self.latent_dim))
         # softplus(0.5413) = 1: components start with unit scale.
@@ -79,14 +85,25 @@ class MixturePrior(Prior):
 
 
 class DiagonalNormalMixture(dist.TorchDistribution):
-    """p(z) = Σ_k π_k N(z; m_k, diag s_k²), π = softmax(logits), scored with two matrix products:
+    """A mixture of K diagonal Gaussians over D-dimensional z,
 
-        log N(z; m_k, s_k) = −½ (z² · s_k⁻² − 2 z · m_k s_k⁻² + Σ_d m_kd² s_kd⁻²) − Σ_d log s_kd − (D/2) log 2π
+        p(z) = Σ_k π_k N(z; m_k, diag s_k²),   π = softmax(logits),
 
-    in float64, where the three terms' cancellation near m_k costs nothing. Broadcasting z against
-    (K, D) instead builds a (particles × points × K × D) tensor: with 500 components, the mnist5k
-    test log p(x) took 39 min at 1000 particles that way, and takes 3–5 min at 5000 this way. The
+    scored with two matrix products:
+
+        log N(z; m_k, s_k) = −½ (z² · s_k⁻² − 2 z · m_k s_k⁻² + Σ_d m_kd² s_kd⁻²) − Σ_d log s_kd − (D/2) log 2π,
+
+    in float64, where the three terms' cancellation near m_k costs nothing. Its intermediates have
+    shapes (..., D) and (..., K), where broadcasting z against the (K, D) parameters builds a
+    (..., K, D) tensor (particles × points × K × D under the particle and data plates; timings:
+    experiments/benchmarks/results_log_px.md, section "The mixture prior's density"). The
     parameters stay (K, D); ``expand`` only records the batch shape the data plate asks for.
+    Sampling is not reparameterized (``has_rsample`` is False).
+
+    :param torch.Tensor logits: mixture logits, shape (K,).
+    :param torch.Tensor locs: component means m, shape (K, D).
+    :param torch.Tensor scales: component standard deviations s > 0, shape (K, D).
+    :param batch_shape: the batch shape to report; ``log_prob`` broadcasts its result to it.
     """
 
     arg_constraints = {}
@@ -125,35 +142,36 @@ class DiagonalNormalMixture(dist.TorchDistribution):
 
 @PRIORS.register("vamp")
 class VampPrior(Prior):
-    """The VampPrior (Tomczak & Welling, 2018): the aggregate posterior at K learned pseudo-inputs,
+    """The VampPrior (Tomczak & Welling, 2018): the guide's posterior averaged over K learned
+    pseudo-inputs,
 
-        p(z) = (1/K) sum_k q(z | u_k),   u_k = hardtanh(v_k, 0, 1) in [0, 1]^D,
+        p(z) = (1/K) Σ_k q(z | u_k),   u_k = hardtanh(v_k, 0, 1) ∈ [0, 1]^D,
 
-    where q is the model's own guide (shared encoder) and the v_k are learned. The v_k start at
-    N(init_mean, init_std^2) per pixel, (0.05, 0.01) as in the reference code for MNIST (which maps
-    them through a sigmoid, so its pseudo-inputs start mid-grey; ours start near black; starting
-    from training images instead made no difference on mnist5k).
+    where q is the model's own guide (its encoder is shared, not copied) and the v_k ∈ R^D are
+    learned, starting at N(init_mean, init_std²) draws per pixel. With a diagonal-Normal guide
+    (``diagonal_normal``) ``forward()`` returns a :class:`DiagonalNormalMixture`; with any other guide, a mixture
+    that scores z against each component. Train it with a long KL warm-up, e.g.
+    ``objective.warmup_epochs=100`` as in the reference code (why, and how it compares with
+    :class:`MixturePrior`: experiments/compare_models/results.md, section "The VampPrior: the
+    warm-up was too short, and 3,600 images are few for it").
 
-    Train it with a long KL warm-up: the reference code ramps the KL weight over 100 epochs. With a
-    10-epoch warm-up the VampPrior settles on low-KL, poorly reconstructing solutions and ends
-    below the standard prior on mnist5k; with 100 epochs it ends above it
-    (experiments/compare_models/results.md). It needs more data than a free mixture: on mnist5k's
-    3,600 training images it is level with or ahead of a 500-component ``MixturePrior`` on the
-    training images but 1.4-2.2 nats behind on test images, its KL rising more from one to the other.
-
-    :param encoder: the guide q(z|x) (``build_vae`` passes it); its parameters are shared, not copied.
-    :param num_components: number of pseudo-inputs K.
+    :param int latent_dim: dimension of z; must equal the encoder's.
+    :param encoder: the guide q(z|x), a :class:`~pyro_vae.guides.Guide` with ``data_dim`` and
+        ``latent_dim`` (the config builder passes the model's own guide).
+    :param int num_components: number of pseudo-inputs K >= 1. Default is 500.
+    :param float init_mean: mean of the initial v_k. Default is 0.05.
+    :param float init_std: standard deviation of the initial v_k. Default is 0.01 (with
+        ``init_mean``, the reference code's values for MNIST).
     """
 
     def __init__(self, latent_dim: int, encoder: nn.Module, num_components: int = 500,
                  init_mean: float = 0.05, init_std: float = 0.01):
         super().__init__(latent_dim)
-        if int(num_components) != num_components or num_components < 1:
-            raise ValueError(f"prior.num_components must be an integer >= 1, got {num_components!r}")
+        num_components = positive_int(num_components, "prior.num_components")
         if getattr(encoder, "latent_dim", latent_dim) != latent_dim or not hasattr(encoder, "data_dim"):
             raise ValueError("the vamp prior needs the guide module (with data_dim and latent_dim) as encoder")
         self.encoder = encoder
-        self.num_components = int(num_components)
+        self.num_components = num_components
         self.pseudo_inputs = nn.Parameter(init_mean + init_std * torch.randn(self.num_components, encoder.data_dim))
 
     def forward(self):
@@ -180,18 +198,20 @@ class _ExpandingMixture(dist.MixtureSameFamily):
 
 @PRIORS.register("flow")
 class FlowPrior(Prior):
-    """A normalizing-flow prior: z = g(u), u ~ N(0, I), with g^{-1} = f_T o ... o f_1 a stack of
+    """A normalizing-flow prior: z = g(u), u ~ N(0, I), with g⁻¹ = f = f_T ∘ ... ∘ f_1 a stack of
     ``num_flows`` autoregressive transforms from ``pyro.distributions.transforms`` (affine, or
     rational-quadratic ``spline``), with the order of the coordinates reversed between steps:
 
-        log p(z) = log N(f(z); 0, I) + log |det df/dz|.
+        log p(z) = log N(f(z); 0, I) + log |det ∂f/∂z|.
 
     The autoregressive transforms run in the *normalizing* direction f (the MAF arrangement), so
     scoring z (what training does) is one network pass per step; sampling inverts them, one pass
     per latent dimension (only figures sample the prior).
 
-    :param num_flows: T >= 1 steps. :param flow_type: ``"affine"`` or ``"spline"``.
-    :param flow_hidden: hidden layer sizes of each step's autoregressive network.
+    :param int latent_dim: dimension of z, >= 2 (an autoregressive flow in 1-D is a constant map).
+    :param int num_flows: number of steps T >= 1. Default is 2.
+    :param str flow_type: ``"affine"`` or ``"spline"``. Default is ``"affine"``.
+    :param flow_hidden: hidden layer sizes of each step's autoregressive network. Default is (100,).
     """
 
     FLOW_TYPES = ("affine", "spline")
@@ -201,13 +221,12 @@ class FlowPrior(Prior):
         super().__init__(latent_dim)
         if flow_type not in self.FLOW_TYPES:
             raise ValueError(f"prior.flow_type must be one of {', '.join(self.FLOW_TYPES)}, got {flow_type!r}")
-        if int(num_flows) != num_flows or num_flows < 1:
-            raise ValueError(f"prior.num_flows must be an integer >= 1, got {num_flows!r}")
+        num_flows = positive_int(num_flows, "prior.num_flows")
         if self.latent_dim < 2:
             raise ValueError("a flow prior needs latent_dim >= 2 (an autoregressive flow in 1-D is a constant map)")
-        hidden = [int(h) for h in flow_hidden]
+        hidden = [positive_int(h, "prior.flow_hidden") for h in flow_hidden]
         make = T.affine_autoregressive if flow_type == "affine" else T.spline_autoregressive
-        self.flows = nn.ModuleList([make(self.latent_dim, hidden_dims=hidden) for _ in range(int(num_flows))])
+        self.flows = nn.ModuleList([make(self.latent_dim, hidden_dims=hidden) for _ in range(num_flows)])
         self.register_buffer("loc", torch.zeros(self.latent_dim))
         self.register_buffer("scale", torch.ones(self.latent_dim))
         self.register_buffer("reverse", torch.arange(self.latent_dim - 1, -1, -1))

@@ -10,29 +10,33 @@ from typing import Any, Callable, Dict
 
 
 class Registry:
-    """Maps config names to classes (or factory functions) of one kind."""
+    """Maps config names to classes (or factory functions) of one kind.
+
+    :param str kind: what the entries are (``"prior"``, ``"guide"``, ...), used in error messages.
+    """
 
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: Dict[str, Callable[..., Any]] = {}
 
     def register(self, name: str):
+        """Class decorator that registers the class under ``name``; a name registered twice is an
+        error."""
+
         def decorator(cls):
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = cls
-            cls.registry_name = name
             return cls
 
         return decorator
 
     def names(self):
+        """The registered names, sorted."""
         return sorted(self._entries)
 
-    def __contains__(self, name):
-        return name in self._entries
-
     def get(self, name: str):
+        """The class registered as ``name``, or a ``ValueError`` that lists the registered names."""
         if name not in self._entries:
             raise ValueError(
                 f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"

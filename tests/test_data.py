@@ -1,4 +1,4 @@
-"""Dataset protocols (DESIGN.md): split sizes, balanced labels, disjoint splits, fixed test
+"""Dataset protocols (pyro_vae/data.py): split sizes, balanced labels, disjoint splits, fixed test
 binarization, and real IDX loading from small files written here."""
 
 import gzip

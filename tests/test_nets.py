@@ -1,3 +1,5 @@
+"""Network builders: He initialization of every layer, the gated hidden layer, bad arguments."""
+
 import math
 
 import pytest

@@ -14,13 +14,17 @@ def normal_log_pdf(z, loc, scale):
     return (-0.5 * ((z - loc) / scale) ** 2 - torch.log(scale) - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
-def test_standard_normal_log_prob_and_moments():
-    torch.manual_seed(0)
-    p = StandardNormalPrior(3)()
-    z = torch.randn(5, 3)
+def test_standard_normal_prior_is_N0I_over_latent_dim_and_moves_with_the_module():
+    """N(0, I) with event shape (latent_dim,) and no batch shape (the data plate broadcasts it), no
+    learnable parameters, and loc/scale buffers that .to(dtype) converts with the networks."""
+    prior = StandardNormalPrior(3)
+    p = prior()
+    assert p.event_shape == (3,) and p.batch_shape == ()
+    assert list(prior.parameters()) == []
+    z = torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5]])
     assert torch.allclose(p.log_prob(z), -0.5 * (z ** 2).sum(-1) - 1.5 * math.log(2 * math.pi))
-    s = p.sample((20000,))
-    assert s.mean(0).abs().max() < 4 / math.sqrt(20000) * 1.5  # 4 SE, with slack for 3 coordinates
+    p64 = prior.to(torch.float64)()
+    assert p64.mean.dtype == torch.float64 and p64.log_prob(z.double()).dtype == torch.float64
 
 
 def test_mixture_log_prob_is_logsumexp_of_weighted_components():
@@ -99,6 +103,12 @@ def test_flow_prior_is_normalized_invertible_and_matches_the_change_of_variables
 def test_bad_prior_options_say_what_is_allowed():
     with pytest.raises(ValueError, match="num_components must be an integer >= 1"):
         MixturePrior(2, num_components=0)
+    with pytest.raises(ValueError, match=r"prior.num_components must be an integer >= 1, got 2.5"):
+        VampPrior(2, DiagonalNormalGuide(4, 2, hidden=[8]), num_components=2.5)
+    with pytest.raises(ValueError, match=r"prior.num_flows must be an integer >= 1, got True"):
+        FlowPrior(2, num_flows=True)
+    with pytest.raises(ValueError, match=r"prior.flow_hidden must be an integer >= 1, got 0"):
+        FlowPrior(2, flow_hidden=[0])
     with pytest.raises(ValueError, match="flow_type must be one of affine, spline"):
         FlowPrior(2, flow_type="planar")
     with pytest.raises(ValueError, match="latent_dim >= 2"):

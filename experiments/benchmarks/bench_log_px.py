@@ -1,7 +1,7 @@
 """Throughput of test log p(x) estimation: K importance samples per image over the mnist5k test set.
 
 One trained reference VAE (784-200-200-50 tanh encoder and decoder, Bernoulli likelihood; test
-set binarized once with seed 0, as DESIGN.md's protocol), evaluated side by side with the same
+set binarized once with seed 0, as for every test log p(x) here), evaluated side by side with the same
 weights by
 
   estimate_log_px     pyro_vae.marginal.estimate_log_px (Pyro traces, vectorized particles)
