@@ -24,64 +24,19 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import pyro
 import torch
 from pyro.poutine.util import is_validation_enabled
 
 from . import traces
+from .ais import AIS
 from .checks import positive_int
-from .psis import pareto_k_hat, tail_size
+from .psis import tail_size
+from .weights import LogPxEstimate, WeightStream
 
-__all__ = ["estimate_log_px", "LogPxEstimate", "Batching"]
-
-
-@dataclass
-class LogPxEstimate:
-    """Per-datapoint results of :func:`estimate_log_px`; every tensor has shape (N,), float64.
-
-    They live on the device of ``x``.
-
-    :ivar log_px: log (1/K) Σ_k w_k.
-    :ivar elbo: (1/K) Σ_k log w_k, and ``elbo_stderr`` its standard error.
-    :ivar stderr: delta-method standard error of ``log_px``.
-    :ivar ess: effective sample size (Σ w)² / Σ w².
-    :ivar pareto_k: PSIS k̂ (NaN when K < 50: too few tail weights to fit).
-    :ivar log_px_by_k: {K': log p̂_K'} from the first K' particles, for each prefix size K'.
-    :ivar log_weights: (N, K) log w_k when asked for with ``keep_log_weights=True``, else None.
-    """
-
-    log_px: torch.Tensor
-    elbo: torch.Tensor
-    stderr: torch.Tensor
-    elbo_stderr: torch.Tensor
-    ess: torch.Tensor
-    pareto_k: torch.Tensor
-    num_samples: int
-    method: str
-    log_px_by_k: dict = field(default_factory=dict)
-    log_weights: torch.Tensor | None = None
-
-    def mean_log_px_by_k(self) -> dict:
-        """{K': mean over data points of log p̂_K'} — E[log p̂_K'] rises with K' toward log p(x)."""
-        return {k: v.mean().item() for k, v in self.log_px_by_k.items()}
-
-    def fraction_pareto_k_above(self, threshold: float = 0.7) -> float | None:
-        """Fraction of the points with a fitted k̂ (not NaN: K ≥ 50) whose k̂ exceeds ``threshold``;
-        +inf (one weight dominates) counts as above. None when no point has a k̂."""
-        fitted = self.pareto_k[~torch.isnan(self.pareto_k)]
-        return (fitted > threshold).double().mean().item() if len(fitted) else None
-
-    def summary(self) -> dict:
-        """Dataset means (nats per data point) and diagnostics, as plain floats."""
-        n = self.log_px.numel()
-        return {"method": self.method, "num_samples": self.num_samples, "num_points": n,
-                "log_px": self.log_px.mean().item(),
-                "log_px_sem": (self.log_px.std() / math.sqrt(n)).item() if n > 1 else float("nan"),
-                "elbo": self.elbo.mean().item(), "ess_median": self.ess.median().item(),
-                "pareto_k_max": self.pareto_k.max().item(),
-                "frac_pareto_k_above_0.7": self.fraction_pareto_k_above(0.7)}
+__all__ = ["estimate_log_px", "LogPxEstimate", "Batching"]  # LogPxEstimate lives in pyro_vae.weights
 
 
 @dataclass(frozen=True)
@@ -121,22 +76,23 @@ class Batching:
 def estimate_log_px(model, guide, x: torch.Tensor, num_samples: int = 1000, *, method: str = "guide",
                     data_plate: str = "data", args: tuple = (), kwargs: dict | None = None,
                     batching: Batching | None = None, prefix_sizes=None, keep_log_weights: bool = False,
-                    seed: int | None = None, progress: bool = True, warn: bool = True) -> LogPxEstimate:
-    """Estimate log p(x_n) for every row x_n of ``x`` by importance sampling.
+                    seed: int | None = None, progress: bool = True, warn: bool = True, **ais_options) -> LogPxEstimate:
+    """Estimate log p(x_n) for every row x_n of ``x``, by importance sampling or annealed importance sampling.
 
     :param model: Pyro model called as ``model(x, *args, **kwargs)``; per-datapoint latents and
         observations inside ``pyro.plate(data_plate, ...)`` (any dim, other plates may nest inside).
     :param guide: Pyro guide with the same signature (the proposal); ignored for ``"prior"``/``"exact"``.
     :param x: data, first dimension indexes data points.
-    :param num_samples: K ≥ 1, particles per data point.
-    :param method: ``"guide"`` (z ~ q(z|x)), ``"prior"`` (z ~ p(z): the naive estimator), or
-        ``"exact"`` (the model's own marginal: ``model`` must be a bound method of an object with
-        ``.log_px(x)``, or have a ``log_px`` attribute).
+    :param num_samples: K ≥ 1, particles per data point (for AIS: chains per data point).
+    :param method: ``"guide"`` (z ~ q(z|x)), ``"prior"`` (z ~ p(z): the naive estimator), ``"ais"``
+        (annealed importance sampling, :mod:`pyro_vae.ais`; its options, e.g. ``num_steps=T``, go
+        as keywords), or ``"exact"`` (the model's own marginal: ``model`` must be a bound method of
+        an object with ``.log_px(x)``, or have a ``log_px`` attribute).
     :param batching: a :class:`Batching` (memory against speed); the default fits most models.
     :param prefix_sizes: K' ≤ K at which to also record log p̂_K' from the first K' particles
         (default 1, 10, 100, … and K).
     :param seed: if given, draw under ``torch.manual_seed(seed)`` and restore the global RNG afterwards.
-    :param progress: show a tqdm progress bar over the passes.
+    :param progress: show a tqdm progress bar.
     :param warn: warn when some k̂ > 0.7.
 
     Latent sites sampled by the model but not by the guide are drawn from the model; their
@@ -145,57 +101,83 @@ def estimate_log_px(model, guide, x: torch.Tensor, num_samples: int = 1000, *, m
     """
     kwargs, batching = dict(kwargs or {}), batching or Batching()
     x = _check_inputs(x, num_samples, method, guide, batching)
+    options = _ais_options(method, ais_options)
     if method == "exact":
         return _exact(model, x, args, kwargs)
-    proposal = guide if method == "guide" else _prior_proposal
+    proposal = guide if method == "guide" or (method == "ais" and options.start == "guide") else traces.empty_guide
     with torch.no_grad(), traces.preserve_rng() if seed is not None else nullcontext():
         if seed is not None:
             torch.manual_seed(seed)
         layout = _inspect(model, proposal, x[:batching.max_batch], data_plate, args, kwargs)
         if is_validation_enabled():
             _validate(model, proposal, x, layout, batching.max_batch, args, kwargs)
-        result = _importance_sampling(model, proposal, x, num_samples, layout, batching,
-                                      _prefix_sizes(prefix_sizes, num_samples), keep_log_weights, progress, args, kwargs)
+        # Every row was checked by _validate; Pyro's per-call argument and support checks would cost a
+        # third of the time of each K-particle pass (a Bernoulli decoder's logits, say).
+        with pyro.validation_enabled(False):
+            result = _estimate(model, proposal, x, num_samples, layout, batching, options,
+                               _prefix_sizes(prefix_sizes, num_samples), keep_log_weights, progress, args, kwargs)
     bad = result.pareto_k > 0.7
     if warn and bad.any():
         warnings.warn(f"pareto_k > 0.7 for {int(bad.sum())} of {len(x)} data points (max "
-                      f"{result.pareto_k.max().item():.2f}): their importance weights are heavy-tailed "
-                      f"and log_px is unreliable there; use a better guide or more samples", stacklevel=2)
+                      f"{result.pareto_k.max().item():.2f}): their {method} weights are heavy-tailed and log_px "
+                      f"is unreliable there; use a better guide or more samples (or steps)", stacklevel=2)
     return result
 
 
-def _importance_sampling(model, proposal, x, K, layout, batching, prefix_sizes, keep, progress, args, kwargs):
+def _ais_options(method, options) -> AIS | None:
+    if method != "ais":
+        if options:
+            raise ValueError(f"{next(iter(options))!r} is an option of method='ais', not of method={method!r}")
+        return None
+    try:
+        return AIS(**options)
+    except TypeError:
+        known = ", ".join(f.name for f in fields(AIS))
+        raise ValueError(f"unknown AIS option(s) {sorted(set(options) - {f.name for f in fields(AIS)})}; "
+                         f"the options are: {known}") from None
+
+
+def _estimate(model, proposal, x, K, layout, batching, ais, prefix_sizes, keep, progress, args, kwargs):
+    """Run the passes (particle ranges × pieces of x) and gather the per-point statistics."""
+    from tqdm.auto import tqdm  # lazy: the core imports only torch, pyro, numpy
+
     N = x.shape[0]
+    if ais is not None:  # every chain of a point in one pass: the chains interact through the step size
+        batching = Batching(batching.max_batch, K, batching.points or max(1, batching.max_batch // K))
     ranges, pieces = batching.passes(layout, x, K)
     empty = lambda *shape: torch.empty(*shape, dtype=torch.float64, device=x.device)  # noqa: E731
-    out = {name: empty(N) for name in _Stream.fields}
+    out = {name: empty(N) for name in WeightStream.fields}
     top = empty(N, tail_size(K) + 1) if K >= 50 else None  # the largest log weights, for k̂
     by_k = {k: empty(N) for k in prefix_sizes}
     kept = empty(N, K) if keep else None
-    bar = progress_bar(len(pieces) * len(ranges), "log p(x)", "pass", progress)
-    # Every row was checked by _validate; Pyro's per-call argument and support checks would cost a
-    # third of the time of each K-particle pass (a Bernoulli decoder's logits, say).
-    with pyro.validation_enabled(False):
-        for rows, x_in, indices in pieces:
-            n = rows.stop - rows.start
-            stream = _Stream(n, K, prefix_sizes, x.device)
-            for start, stop in ranges:
+    extra = {"accept_rate": empty(N), "step_size": empty(N)} if ais is not None else {}
+    total = len(pieces) * (max(ais.num_steps, 1) if ais is not None else len(ranges))
+    bar = tqdm(total=total, desc="AIS" if ais is not None else "log p(x)", unit="step" if ais else "pass",
+               disable=not progress)
+    for rows, x_in, indices in pieces:
+        n = rows.stop - rows.start  # the last piece of a subsampling plate wraps around: drop the padding
+        stream = WeightStream(n, K, prefix_sizes, x.device)
+        for start, stop in ranges:
+            if ais is None:
                 log_w = _log_weights(model, proposal, x_in, layout, stop - start, batching.vectorize, indices,
-                                     args, kwargs)[:, :n]  # drop the wrap-around padding of the last piece
-                stream.update(log_w, start)
-                if kept is not None:
-                    kept[rows, start:stop] = log_w.T
+                                     args, kwargs)[:, :n]
                 bar.update(1)
-            for name, value in stream.finish().items():
-                out[name][rows] = value
-            if top is not None:
-                top[rows] = stream.top
-            for k in prefix_sizes:
-                by_k[k][rows] = stream.by_k[k]
+            else:
+                log_w, rate, step = ais.run(model, proposal, (x_in, *args), kwargs, layout, K, indices, progress=bar)
+                log_w, extra["accept_rate"][rows], extra["step_size"][rows] = log_w[:, :n], rate[:n], step[:n]
+            stream.update(log_w, start)
+            if kept is not None:
+                kept[rows, start:stop] = log_w.T
+        for name, value in stream.finish().items():
+            out[name][rows] = value
+        if top is not None:
+            top[rows] = stream.top
+        for k in prefix_sizes:
+            by_k[k][rows] = stream.by_k[k]
     bar.close()
-    out["pareto_k"] = pareto_k_hat(top, K) if top is not None else torch.full_like(out["log_px"], math.nan)
-    return LogPxEstimate(**out, num_samples=K, method="guide" if proposal is not _prior_proposal else "prior",
-                         log_px_by_k=by_k, log_weights=kept)
+    method = "ais" if ais is not None else "guide" if proposal is not traces.empty_guide else "prior"
+    return LogPxEstimate.from_streams(out, top, K, method, log_px_by_k=by_k, log_weights=kept,
+                                      num_steps=ais.num_steps if ais is not None else None, **extra)
 
 
 def _log_weights(model, proposal, x, layout, num_particles, vectorize, indices, args, kwargs) -> torch.Tensor:
@@ -246,16 +228,12 @@ def _check_inputs(x, num_samples, method, guide, batching) -> torch.Tensor:
         raise ValueError(f"x contains NaN in {len(rows)} row(s) (first: {rows[:5].tolist()}); "
                          f"remove or impute them before estimating log p(x)")
     positive_int(num_samples, "num_samples")
-    if method not in ("guide", "prior", "exact"):
-        raise ValueError(f"method must be 'guide', 'prior' or 'exact', got {method!r}")
+    if method not in ("guide", "prior", "ais", "exact"):
+        raise ValueError(f"method must be 'guide', 'prior', 'ais' or 'exact', got {method!r}")
     if method == "guide" and guide is None:
         raise ValueError("method='guide' needs a guide; pass one, or use method='prior' to sample z from the prior")
     positive_int(batching.max_batch, "batching.max_batch")
     return x
-
-
-def _prior_proposal(*args, **kwargs) -> None:
-    """The empty guide: every latent is then drawn by the model from its prior, and cancels in w."""
 
 
 def _exact(model, x, args, kwargs) -> LogPxEstimate:
@@ -280,69 +258,3 @@ def _prefix_sizes(prefix_sizes, K: int) -> tuple:
 
 def _one_line(error: Exception) -> str:
     return f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0]
-
-
-def progress_bar(total: int, desc: str, unit: str, enabled: bool):
-    """A tqdm bar, or a silent stand-in when ``enabled`` is False (tqdm is imported only then)."""
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm  # lazy: the core imports only torch, pyro, numpy
-    return tqdm(total=total, desc=desc, unit=unit)
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
-class _Stream:
-    """Streaming per-point statistics of log weights arriving in particle chunks, all in float64.
-
-    Keeps logsumexp of log w and of 2 log w (for log p̂ and ESS), shifted sums of log w and its
-    square (for the ELBO and its variance, without cancellation), and the largest M+1 log weights
-    (the Pareto tail), so memory does not grow with K.
-    """
-
-    fields = ("log_px", "elbo", "stderr", "elbo_stderr", "ess")
-
-    def __init__(self, n: int, K: int, prefix_sizes: tuple, device):
-        self.K, self.prefix_sizes = K, prefix_sizes
-        self.lse = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
-        self.lse2 = self.lse.clone()
-        self.shift = self.s1 = self.s2 = None
-        self.tail = tail_size(K) + 1 if K >= 50 else 0
-        self.top = self.lse.new_empty(n, 0)
-        self.by_k = {}
-
-    def update(self, log_w: torch.Tensor, start: int) -> None:
-        """Add particles start, …, start + P − 1; ``log_w`` has shape (P, n)."""
-        stop = start + log_w.shape[0]
-        for k in self.prefix_sizes:
-            if start < k <= stop:  # the prefix ends inside this chunk
-                part = torch.logaddexp(self.lse, log_w[:k - start].logsumexp(0))
-                self.by_k[k] = part - math.log(k)
-        self.lse = torch.logaddexp(self.lse, log_w.logsumexp(0))
-        self.lse2 = torch.logaddexp(self.lse2, (2 * log_w).logsumexp(0))
-        if self.shift is None:
-            self.shift = log_w.mean(0)
-            self.s1, self.s2 = torch.zeros_like(self.shift), torch.zeros_like(self.shift)
-        centered = log_w - self.shift
-        self.s1 += centered.sum(0)
-        self.s2 += centered.pow(2).sum(0)
-        if self.tail:
-            both = torch.cat([self.top, log_w.T], dim=1)
-            self.top = both.topk(min(self.tail, both.shape[1]), dim=1).values
-
-    def finish(self) -> dict:
-        K = self.K
-        ess = torch.exp(2 * self.lse - self.lse2)
-        var = (self.s2 - self.s1**2 / K) / (K - 1) if K > 1 else torch.full_like(self.s1, math.nan)
-        stderr = ((K / ess - 1).clamp(min=0) / (K - 1)).sqrt() if K > 1 else torch.full_like(ess, math.nan)
-        return {"log_px": self.lse - math.log(K), "elbo": self.shift + self.s1 / K, "stderr": stderr,
-                "elbo_stderr": (var.clamp(min=0) / K).sqrt(), "ess": ess}

@@ -35,7 +35,7 @@ from torch.distributions import kl_divergence
 
 __all__ = ["Layout", "dry_run", "layout", "inspect", "plate_nesting_of", "trace_pair", "site_kind", "site_log_prob",
            "per_point", "site_scale", "log_densities", "elbo_terms", "without_analytic_kl", "replay_values",
-           "preserve_rng"]
+           "preserve_rng", "empty_guide"]
 
 PARTICLES = "particles"  # the plate that vectorizes particles (chains), outside every other plate
 
@@ -66,6 +66,10 @@ def preserve_rng():
     """A context in which random draws leave torch's global generators (CPU and CUDA) as they were."""
     cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
     return torch.random.fork_rng(devices=cuda)
+
+
+def empty_guide(*args, **kwargs) -> None:
+    """A guide without sites: replayed against it, the model draws every latent from its prior."""
 
 
 def site_kind(site) -> str | None:
@@ -104,7 +108,8 @@ def replay_values(values: dict) -> poutine.Trace:
 
 
 def trace_pair(model, guide, args=(), kwargs=None, layout: Layout | None = None, num_particles: int | None = None,
-               *, indices: torch.Tensor | None = None, values: dict | None = None, clone_latents: bool = False):
+               *, indices: torch.Tensor | None = None, values: dict | None = None, clone_latents: bool = False,
+               guide_trace: poutine.Trace | None = None):
     """Trace ``guide(*args, **kwargs)``, then ``model`` replayed against it: (guide_tr, model_tr).
 
     :param layout: needed for ``num_particles`` and ``indices``.
@@ -115,6 +120,7 @@ def trace_pair(model, guide, args=(), kwargs=None, layout: Layout | None = None,
         of drawing them (every latent named here; model-only latents may be among them).
     :param clone_latents: the model sees copies of the guide's latent values, so a caller can
         reweight the gradient that flows into z through the model alone (DReG).
+    :param guide_trace: use this guide trace (made for these ``values``) instead of running the guide.
     """
     kwargs = kwargs or {}
     if num_particles is not None:
@@ -124,7 +130,7 @@ def trace_pair(model, guide, args=(), kwargs=None, layout: Layout | None = None,
     with force:
         if values is not None:
             guide = poutine.replay(guide, trace=replay_values(values))
-        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+        guide_tr = guide_trace if guide_trace is not None else poutine.trace(guide).get_trace(*args, **kwargs)
         source = guide_tr if values is None else replay_values(values)
         if clone_latents:
             source = source.copy()

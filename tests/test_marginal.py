@@ -127,8 +127,8 @@ def test_prior_sampling_fails_visibly_in_high_dimension():
         naive = estimate(lg.model, None, x, 1000, method="prior")
     exact = lg.log_px(x)
     assert ((exact - naive.log_px) > 20).all()                      # off by tens of nats
-    assert ((exact - naive.log_px) > 10 * naive.stderr).all()       # its stderr is no warning sign...
-    assert (naive.ess < 5).all() and (naive.pareto_k > 0.7).all()   # ...but ESS and k̂ are
+    assert (naive.ess < 5).all() and (naive.pareto_k > 0.7).all()   # ESS and k̂ say so...
+    assert torch.isnan(naive.stderr).all()                           # ...and no small stderr is printed
     good = estimate(lg.model, LinearGaussianGuide.perturbed(lg, 0.1, 1.05).guide, x, 1000)
     assert_within_stderr(good, exact)
 
@@ -285,7 +285,9 @@ def test_streaming_matches_direct_computation(lg):
     w = (lw - lw.logsumexp(1, keepdim=True)).exp()
     torch.testing.assert_close(r.ess, 1 / w.pow(2).sum(1))
     mean_w = lw.exp().mean(1)
-    torch.testing.assert_close(r.stderr, lw.exp().std(1) / math.sqrt(K) / mean_w)
+    delta = lw.exp().std(1) / math.sqrt(K) / mean_w  # withdrawn (NaN) where k̂ > 0.7
+    torch.testing.assert_close(r.stderr, torch.where(r.pareto_k > 0.7, math.nan, delta), equal_nan=True)
+    assert (r.pareto_k > 0.7).any() and (r.pareto_k <= 0.7).any()
     torch.testing.assert_close(r.pareto_k, pareto_k_hat(lw))
     torch.testing.assert_close(r.log_px_by_k[40], lw[:, :40].logsumexp(1) - math.log(40))
     torch.testing.assert_close(r.log_px_by_k[1], lw[:, 0])
