@@ -6,7 +6,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 
-from pyro_vae.models.linear_gaussian import LinearGaussian, LinearGaussianGuide, gaussian_kl
+from pyro_vae.exact.linear_gaussian import LinearGaussian, LinearGaussianGuide, gaussian_kl
 
 
 @pytest.fixture

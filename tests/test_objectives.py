@@ -10,8 +10,8 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_vae import build_vae
-from pyro_vae.models.linear_gaussian import LinearGaussian, LinearGaussianGuide
+from pyro_vae import build_model as build_vae
+from pyro_vae.exact.linear_gaussian import LinearGaussian, LinearGaussianGuide
 from pyro_vae.objectives import IWAE, OBJECTIVES, MeanFieldELBO, TraceELBO
 
 
