@@ -209,8 +209,9 @@ class GMVAE(LatentVariableModel):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """E_q[z | x] = Σ_c q(c|x) m(x, c), shape (N, latent_dim)."""
+        probs = self.cluster_probs(x)  # checks x
         loc = self.latent_encoder(x, self._all_clusters()).mean  # (C, N, L)
-        return torch.einsum("nc,cnl->nl", self.cluster_probs(x), loc)
+        return torch.einsum("nc,cnl->nl", probs, loc)
 
     @torch.no_grad()
     def sample(self, num_samples: int) -> torch.Tensor:

@@ -59,8 +59,8 @@ class Likelihood(nn.Module):
 class DecoderLikelihood(Likelihood):
     """p(x|z) = prod_d p(x_d; theta_d(z)): pixels independent given z, the parameters theta(z) of
     all D pixels the output of one decoder MLP f: latent_dim -> reversed(hidden) -> D * P, with
-    P = ``outputs_per_pixel`` outputs for each pixel. A subclass says which distribution
-    ``pixel_distribution(f(z))`` has per pixel (batch shape ``z.shape[:-1] + (D,)``).
+    P = ``outputs_per_pixel`` outputs for each pixel. A subclass says which distribution each pixel
+    has: ``pixel_distribution(f(z))``, a Pyro distribution of batch shape ``z.shape[:-1] + (D,)``.
 
     :param hidden: the encoder's hidden layer sizes; the decoder mirrors them.
     :param activation: the hidden layers' activation (see :func:`pyro_vae.nets.mlp`).
