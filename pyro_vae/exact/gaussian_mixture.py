@@ -75,7 +75,7 @@ class GaussianMixture:
         weights = torch.as_tensor(weights, dtype=locs.dtype)
         if weights.shape != (C,):
             raise ValueError(f"weights must have shape ({C},) to match locs, got {tuple(weights.shape)}")
-        if not torch.isfinite(weights).all() or (weights < 0).any() or abs(float(weights.sum()) - 1) > 1e-5:
+        if not torch.isfinite(weights).all() or (weights < 0).any() or abs(weights.sum().item() - 1) > 1e-5:
             raise ValueError(f"weights must be non-negative and sum to 1, got {weights.tolist()}; "
                              f"normalize them with weights / weights.sum()")
         if not torch.isfinite(locs).all():
