@@ -12,7 +12,7 @@ import re
 import sys
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
-GROUPS = ("data", "prior", "guide", "likelihood", "objective")
+GROUPS = ("data", "model", "prior", "guide", "likelihood", "objective")
 USAGE = __doc__.strip().splitlines()[-2:]
 
 

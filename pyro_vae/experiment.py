@@ -15,7 +15,7 @@ from typing import Any, Dict, Mapping
 
 import torch
 
-from .build import build_objective, build_vae
+from .build import build_objective, build_model
 from .checkpoint import atomic_write_json, load_checkpoint
 from .data import TEST_BINARIZATION_SEED, Splits, binarize_fixed, load_dataset
 from .marginal import estimate_log_px
@@ -75,7 +75,7 @@ def train_run(cfg: Mapping[str, Any], run_dir: str, progress: bool = True) -> Di
     seed = int(cfg["seed"])
     splits = _load_splits(cfg)
     torch.manual_seed(seed)  # network initialization
-    vae = build_vae(cfg, splits.data_dim).to(cfg.get("device", "cpu"))
+    vae = build_model(cfg, splits.data_dim).to(cfg.get("device", "cpu"))
     objective = build_objective(cfg)
     train_cfg = TrainConfig(**{k: v for k, v in cfg["train"].items() if k != "val_fraction"})
     log = MetricsLog(run_dir)
@@ -109,7 +109,7 @@ def load_run(run_dir: str, device: str = "cpu"):
     state, meta = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), map_location=device)
     cfg = meta["config"]
     splits = _load_splits(cfg)
-    vae = build_vae(cfg, splits.data_dim).to(device)
+    vae = build_model(cfg, splits.data_dim).to(device)
     vae.load_state_dict(state)
     vae.eval()
     return vae, cfg, splits

@@ -3,25 +3,25 @@
     model(x):  for n in data plate:  c_n ~ Categorical(π);  z_n ~ N(μ_c, diag σ_c²);  x_n ~ p(x | z_n)
     guide(x):  for n in data plate:  c_n ~ q(c | x_n);      z_n ~ q(z | x_n, c_n) = N(m(x_n, c), diag s(x_n, c)²)
 
-p(z | c) (μ_c, σ_c) is learned; π is uniform unless ``learn_weights=True``. The decoder p(x | z) is
-:class:`pyro_vae.likelihoods.BernoulliLikelihood`. Because c is finite, the expectation over
-q(c | x) is a sum, and with one z_c ~ q(z | x, c) drawn for every value of c:
+p(z | c) (μ_c, σ_c) is learned; π is uniform unless ``learn_weights=True``; p(x | z) is any
+likelihood of :mod:`pyro_vae.likelihoods`. Because c is finite, the expectation over q(c | x) is a
+sum, and with one z_c ~ q(z | x, c) drawn for every value of c:
 
     ELBO(x) = Σ_c q(c|x) [log p(x | z_c) + log p(z_c | c) − log q(z_c | x, c)] − KL(q(c|x) || π)
             = E_q[log p(x | z)] − KL(q(c, z | x) || p(c, z))
 
-``guide`` marks c for parallel enumeration (``config_enumerate``), so ``TraceEnum_ELBO(max_plate_nesting=1)``
-computes exactly this sum, and :func:`pyro_vae.train.fit` trains the model as it trains a VAE.
-``sampled_guide`` draws c instead: the proposal that :func:`pyro_vae.estimate_log_px` needs
-(importance weights p(x, c, z) / q(c, z | x) over both latents), and a REINFORCE-style
-estimator with the same expectation as the enumerated ELBO.
+``guide`` marks c for parallel enumeration, so ``TraceEnum_ELBO`` computes exactly this sum (c takes
+all C values at once, at a plate dim left of the data plate). Under a plain trace (``Trace_ELBO``,
+:func:`pyro_vae.estimate_log_px`) the mark does nothing and c is drawn, so the same guide is the
+importance proposal q(c, z | x) over both latents.
+
+``pyro-vae train model=gmvae`` builds one (``pyro_vae/conf/model/gmvae.yaml``); the study and its
+measurements are in experiments/gmvae/results.md.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from contextlib import contextmanager
 from typing import Sequence
 
 import numpy as np
@@ -29,32 +29,36 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.infer import config_enumerate
-from pyro.poutine.util import is_validation_enabled
 from torch import nn
 from torch.distributions import kl_divergence
 
+from .base import LatentVariableModel
+from .checks import positive_int
 from .guides import MIN_SCALE
-from .likelihoods import BernoulliLikelihood
+from .likelihoods import Likelihood
 from .nets import ACTIVATIONS, he_linear, mlp
 
 __all__ = ["GMVAE", "cluster_accuracy"]
 
-_instance_ids = itertools.count()
-
 
 class ClusterEncoder(nn.Module):
-    """q(z | x, c) = N(m(x, c), diag s(x, c)²): the first layer adds a learned per-cluster vector to
-    W x + b, so x goes through it once and c broadcasts (enumerated c has shape (C, 1), a sampled
-    one (N,) or (particles, N))."""
+    """q(z | x, c) = N(m(x, c), diag s(x, c)²), s = softplus(.) + MIN_SCALE: an MLP whose first
+    layer adds a learned vector e_c to W x + b, h = act(W x + b + e_c). x goes through W once and c
+    broadcasts (enumerated c has shape (C, 1), a drawn one (N,) or (particles, N)).
+
+    :param embedding_std: the e_c start as N(0, embedding_std²) draws, so the C branches of
+        q(z | x, c) differ from the start.
+    """
 
     def __init__(self, data_dim, latent_dim, num_clusters, hidden: Sequence[int], activation: str,
                  embedding_std: float = 1.0):
         super().__init__()
         hidden = list(hidden)
-        if activation not in ACTIVATIONS:  # the cluster vector is added before a pointwise activation
+        if activation not in ACTIVATIONS:  # e_c is added before a pointwise activation
             raise ValueError(f"the GMVAE's encoder needs a pointwise activation, got {activation!r}; "
                              f"choose one of: {', '.join(sorted(ACTIVATIONS))}")
+        if not hidden:
+            raise ValueError("the GMVAE's encoder needs at least one hidden layer, got model.hidden=[]")
         self.input = he_linear(data_dim, hidden[0])
         self.cluster = nn.Embedding(num_clusters, hidden[0])
         nn.init.normal_(self.cluster.weight, std=embedding_std)
@@ -67,51 +71,48 @@ class ClusterEncoder(nn.Module):
         return dist.Normal(loc, F.softplus(raw_scale) + MIN_SCALE).to_event(1)
 
 
-class GMVAE(nn.Module):
-    """Gaussian-mixture VAE with ``num_clusters`` clusters, a ``latent_dim``-dimensional z and a
-    Bernoulli decoder; encoders and decoder are tanh MLPs with layer sizes ``hidden``.
+class GMVAE(LatentVariableModel):
+    """Gaussian-mixture VAE with ``num_clusters`` clusters and the likelihood ``likelihood``.
 
-    :param prior_spread: the cluster means μ_c start as ``prior_spread`` · N(0, I) (σ_c at 1).
-        The default 0 starts every p(z|c) at N(0, I): with random μ_c, the cluster whose μ_c lies
-        nearest the encoder's initial outputs has the smallest KL for *every* x, q(c|x) sends all
-        points there within the first epoch and the mixture collapses to one cluster (seen on
-        mnist5k with spread 1 and 3; experiments/gmvae). Symmetry is broken by the encoder instead.
-        The price: the μ_c then stay close and clusters need not align with classes. On digits,
-        ``prior_spread=1, embedding_std=0.1`` did not collapse and clustered better (accuracy 0.68
-        vs 0.34), so try both; neither is a cure (see experiments/gmvae/figures/results.json).
-        Those numbers predate He initialization (``nets.mlp``); with it, the default settings
-        collapsed q(c|x) to one cluster on mnist5k (seed 0) and reached 0.30 on digits.
-    :param embedding_std: scale of the random per-cluster vectors added in q(z|x,c)'s first layer, so
-        the C branches of q(z|x,c) differ from the start and pull the μ_c apart.
-    :param learn_weights: learn π (softmax of logits) instead of keeping it uniform.
+    q(c | x) is an MLP D -> hidden -> C (logits), q(z | x, c) a :class:`ClusterEncoder`.
+    Parameters live in this module and are registered with Pyro's param store as ``gmvae0``,
+    ``gmvae1``, ... (see :class:`pyro_vae.base.LatentVariableModel`).
 
-    Parameters live in this module and are registered with Pyro's param store under a name unique to
-    the instance (``gmvae0``, ...); ``without_param_store()`` skips that for a torch optimizer."""
+    :param likelihood: p(x | z), e.g. ``LIKELIHOODS.build("bernoulli", ...)``; fixes D and the size of z.
+    :param num_clusters: C >= 1.
+    :param hidden: hidden layer sizes of both encoders (at least one layer).
+    :param activation: their pointwise activation (see :data:`pyro_vae.nets.ACTIVATIONS`).
+    :param prior_spread: the μ_c start as ``prior_spread`` · N(0, I) draws, σ_c at 1; the default 0
+        starts every p(z | c) at N(0, I) and leaves breaking the symmetry to ``embedding_std``.
+    :param embedding_std: scale of the per-cluster vectors of q(z | x, c) at initialization.
+    :param learn_weights: learn π = softmax(logits) instead of keeping it uniform.
+    :param name: the name in Pyro's param store (default ``gmvae<k>``).
+    """
 
-    def __init__(self, data_dim: int, latent_dim: int = 10, num_clusters: int = 10,
-                 hidden: Sequence[int] = (200, 200), activation: str = "tanh",
-                 prior_spread: float = 0.0, embedding_std: float = 1.0, learn_weights: bool = False,
-                 name: str | None = None):
-        super().__init__()
-        if num_clusters < 1 or latent_dim < 1 or data_dim < 1:
-            raise ValueError(f"data_dim, latent_dim and num_clusters must be >= 1, got "
-                             f"{data_dim}, {latent_dim}, {num_clusters}")
-        self.data_dim, self.latent_dim, self.num_clusters = int(data_dim), int(latent_dim), int(num_clusters)
-        self.likelihood = BernoulliLikelihood(data_dim, latent_dim, hidden, activation)
-        self.cluster_encoder = mlp([data_dim, *hidden, num_clusters], activation)  # logits of q(c|x)
-        self.latent_encoder = ClusterEncoder(data_dim, latent_dim, num_clusters, hidden, activation, embedding_std)
-        self.prior_locs = nn.Parameter(prior_spread * torch.randn(num_clusters, latent_dim))
-        self.prior_raw_scales = nn.Parameter(torch.full((num_clusters, latent_dim), math.log(math.e - 1)))
+    name_prefix = "gmvae"
+
+    def __init__(self, likelihood: Likelihood, num_clusters: int = 10, hidden: Sequence[int] = (200, 200),
+                 activation: str = "tanh", prior_spread: float = 0.0, embedding_std: float = 1.0,
+                 learn_weights: bool = False, name: str | None = None):
+        super().__init__(likelihood, name)
+        self.num_clusters = positive_int(num_clusters, "model.num_clusters")
+        for key, value in (("prior_spread", prior_spread), ("embedding_std", embedding_std)):
+            if not value >= 0:
+                raise ValueError(f"model.{key} must be >= 0, got {value!r}")
+        C, D, L = self.num_clusters, self.data_dim, self.latent_dim
+        self.cluster_encoder = mlp([D, *hidden, C], activation)  # logits of q(c|x)
+        self.latent_encoder = ClusterEncoder(D, L, C, hidden, activation, embedding_std)
+        self.prior_locs = nn.Parameter(prior_spread * torch.randn(C, L))
+        self.prior_raw_scales = nn.Parameter(torch.full((C, L), math.log(math.e - 1)))  # softplus⁻¹(1)
         if learn_weights:
-            self.weight_logits = nn.Parameter(torch.zeros(num_clusters))
+            self.weight_logits = nn.Parameter(torch.zeros(C))
         else:
-            self.register_buffer("weight_logits", torch.zeros(num_clusters))
-        self.name = name or f"gmvae{next(_instance_ids)}"
-        self._use_param_store = True
+            self.register_buffer("weight_logits", torch.zeros(C))
 
-    # -- the generative model's pieces ----------------------------------------------------------
+    # -- the distributions ----------------------------------------------------------------------
     @property
     def prior_scales(self) -> torch.Tensor:
+        """σ_c, shape (C, latent_dim)."""
         return F.softplus(self.prior_raw_scales) + MIN_SCALE
 
     def cluster_prior(self) -> dist.Categorical:
@@ -126,65 +127,32 @@ class GMVAE(nn.Module):
         """q(c | x); batch shape (N,)."""
         return dist.Categorical(logits=self.cluster_encoder(x))
 
-    # -- Pyro model and guides ------------------------------------------------------------------
-    @contextmanager
-    def without_param_store(self):
-        """Run ``model``/``guide`` without registering parameters with Pyro's param store (for
-        ``pyro_vae.train.fit``, whose torch optimizer owns them)."""
-        previous, self._use_param_store = self._use_param_store, False
-        try:
-            yield self
-        finally:
-            self._use_param_store = previous
+    def _all_clusters(self) -> torch.Tensor:
+        """c = 0..C-1 of shape (C, 1), as enumeration lays them out left of the data plate."""
+        return torch.arange(self.num_clusters, device=self.prior_locs.device)[:, None]
 
-    def check_x(self, x, what: str = "x") -> None:
-        """One-line ValueError unless x is a finite float tensor of shape (N, data_dim)."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.data_dim:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected {what} of shape (N, {self.data_dim}), got {shape}; flatten images first")
-        if not torch.isfinite(x).all():
-            rows = (~torch.isfinite(x)).any(1).nonzero().flatten()
-            raise ValueError(f"{what} has NaN or inf in {len(rows)} row(s) (first: {rows[:5].tolist()}); "
-                             f"remove or impute them first")
-
-    def _data_plate(self, x, num_data):
-        if self._use_param_store:
-            pyro.module(self.name, self)
-        if is_validation_enabled():  # fit() switches validation off after checking the data once
-            self.check_x(x)
-        elif x.dim() != 2 or x.shape[1] != self.data_dim:
-            raise ValueError(f"expected x of shape (N, {self.data_dim}), got {tuple(x.shape)}; flatten images first")
-        batch = x.shape[0]
-        if num_data is None or num_data == batch:
-            return pyro.plate("data", batch)
-        # A minibatch of num_data points: the plate scales log-densities by num_data / batch.
-        return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device))
-
+    # -- Pyro model and guide -------------------------------------------------------------------
     def model(self, x: torch.Tensor, num_data: int | None = None):
         """p(x, c, z) = p(c) p(z | c) p(x | z), one (c_n, z_n, x_n) per row of x."""
-        with self._data_plate(x, num_data):
+        with self.data_plate(x, num_data):
             c = pyro.sample("c", self.cluster_prior())
             z = pyro.sample("z", self.latent_prior(c))
             pyro.sample("x", self.likelihood(z), obs=x)
 
-    def sampled_guide(self, x: torch.Tensor, num_data: int | None = None):
-        """q(c, z | x) = q(c | x) q(z | x, c) with c drawn: the proposal for ``estimate_log_px``."""
-        with self._data_plate(x, num_data):
-            c = pyro.sample("c", self.cluster_posterior(x))
-            pyro.sample("z", self.latent_encoder(x, c))
-
     def guide(self, x: torch.Tensor, num_data: int | None = None):
-        """q(c, z | x) with c marked for parallel enumeration: under ``TraceEnum_ELBO`` c takes
-        all C values at once (shape (C, 1)) and z is drawn for each, shape (C, N, latent_dim)."""
-        return config_enumerate(self.sampled_guide, default="parallel")(x, num_data)
+        """q(c, z | x) = q(c | x) q(z | x, c), c marked for parallel enumeration: under
+        ``TraceEnum_ELBO`` c has shape (C, 1) and z (C, N, latent_dim); else c is drawn, shape (N,)."""
+        with self.data_plate(x, num_data):
+            c = pyro.sample("c", self.cluster_posterior(x), infer={"enumerate": "parallel"})
+            pyro.sample("z", self.latent_encoder(x, c))
 
     # -- per-point quantities -------------------------------------------------------------------
     def _per_cluster_terms(self, x):
-        """For every c: q(c|x) (N, C) and, with one z_c ~ q(z|x,c), log p(x|z_c), the analytic
+        """For every c: log q(c|x) (N, C) and, with one z_c ~ q(z|x,c), log p(x|z_c), the analytic
         KL(q(z|x,c) || p(z|c)) and the single-draw log q(z_c|x,c) − log p(z_c|c), each (C, N)."""
         self.check_x(x)
-        log_qc = self.cluster_posterior(x).logits  # normalized log-probabilities, (N, C)
-        c = torch.arange(self.num_clusters, device=x.device)[:, None]  # (C, 1), as enumerated
+        log_qc = self.cluster_posterior(x).logits  # normalized log-probabilities
+        c = self._all_clusters()
         q_z, p_z = self.latent_encoder(x, c), self.latent_prior(c)
         z = q_z.rsample()  # (C, N, L)
         log_lik = self.likelihood(z).log_prob(x)
@@ -215,10 +183,10 @@ class GMVAE(nn.Module):
 
             log p̂(x) = log (1/K) Σ_k Σ_c p(c) p(z_kc|c) p(x|z_kc) / q(z_kc|x,c),
 
-        unbiased for p(x) like ``estimate_log_px`` with ``sampled_guide`` (which draws c), at C
-        times its decoder passes: a cross-check of that estimate. Shape (N,), float64."""
+        unbiased for p(x) like ``estimate_log_px`` with ``guide`` (which draws c), at C times its
+        decoder passes: a cross-check of that estimate. Shape (N,), float64."""
         self.check_x(x)
-        c = torch.arange(self.num_clusters, device=x.device)[:, None]
+        c = self._all_clusters()
         q_z, p_z, log_pc = self.latent_encoder(x, c), self.latent_prior(c), self.cluster_prior().logits
         parts = []
         for start in range(0, num_samples, chunk):
@@ -239,10 +207,22 @@ class GMVAE(nn.Module):
         return self.cluster_probs(x).argmax(-1)
 
     @torch.no_grad()
-    def sample(self, num_per_cluster: int) -> torch.Tensor:
-        """Decoder mean images E[x | z] for z ~ p(z | c), shape (C, num_per_cluster, data_dim)."""
-        c = torch.arange(self.num_clusters, device=self.prior_locs.device)[:, None]
-        z = self.latent_prior(c.expand(-1, num_per_cluster)).sample()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """E_q[z | x] = Σ_c q(c|x) m(x, c), shape (N, latent_dim)."""
+        probs = self.cluster_probs(x)  # checks x
+        loc = self.latent_encoder(x, self._all_clusters()).mean  # (C, N, L)
+        return torch.einsum("nc,cnl->nl", probs, loc)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int) -> torch.Tensor:
+        """Decoder mean images E[x | z] for c ~ p(c), z ~ p(z | c), shape (num_samples, D)."""
+        c = self.cluster_prior().sample((num_samples,))
+        return self.likelihood.mean(self.latent_prior(c).sample())
+
+    @torch.no_grad()
+    def sample_per_cluster(self, num_per_cluster: int) -> torch.Tensor:
+        """Decoder mean images E[x | z] for z ~ p(z | c), shape (C, num_per_cluster, D)."""
+        z = self.latent_prior(self._all_clusters().expand(-1, num_per_cluster)).sample()
         return self.likelihood.mean(z)
 
 

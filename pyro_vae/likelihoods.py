@@ -1,7 +1,11 @@
-"""Likelihoods p(x|z) whose parameters come from a decoder network. Each is an ``nn.Module``:
-``forward(z)`` returns a Pyro distribution over x with event shape (data_dim,); ``mean(z)`` is the
-expected image (for figures); ``check_data(x)`` rejects data outside the support with a one-line
-error before any training starts."""
+"""Likelihoods p(x|z) of the data given the latent. Each is an ``nn.Module`` whose ``forward(z)``
+returns a Pyro distribution over x with event shape (data_dim,) and batch shape ``z.shape[:-1]``;
+``mean(z)`` is E[x | z] (the image figures show); ``check_data(x)`` rejects data outside the
+support with a one-line error before any training starts.
+
+The four registered likelihoods are :class:`DecoderLikelihood` s: pixels independent given z, each
+with a distribution whose parameters are one decoder network's outputs.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +25,15 @@ LIKELIHOODS = Registry("likelihood")
 
 
 class Likelihood(nn.Module):
-    """Base class. ``binarize`` = True means the model is of binary pixels: training batches are
-    binarized afresh each time they are drawn and evaluation data once, with a fixed seed."""
+    """Base class of likelihoods p(x|z) over x in R^D given z in R^latent_dim.
 
-    support = "real numbers"
+    ``binarize`` is True for a distribution over binary pixels: the trainer then binarizes each
+    training batch afresh when it is drawn, and evaluation data are binarized once, with a fixed seed.
+
+    :param data_dim: D, the number of pixels.
+    :param latent_dim: the size of z.
+    """
+
     binarize = False
 
     def __init__(self, data_dim: int, latent_dim: int):
@@ -32,6 +41,7 @@ class Likelihood(nn.Module):
         self.data_dim, self.latent_dim = int(data_dim), int(latent_dim)
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
+        """A one-line ``ValueError`` naming ``what`` unless every value of x is finite."""
         if not torch.isfinite(x).all():
             bad = (~torch.isfinite(x)).nonzero()[0].tolist()
             raise ValueError(
@@ -42,41 +52,62 @@ class Likelihood(nn.Module):
         raise NotImplementedError
 
     def mean(self, z) -> torch.Tensor:
+        """E[x | z], shape z.shape[:-1] + (D,)."""
         return self(z).mean
 
 
-def _check_range(x, what, name, lo_ok, hi_ok, hint):
-    lo, hi = float(x.min()), float(x.max())
-    if lo < lo_ok or hi > hi_ok:
-        raise ValueError(f"{what} lies in [{lo:g}, {hi:g}] but the {name} likelihood needs values in "
-                         f"[{lo_ok:g}, {hi_ok:g}]; {hint}")
+class DecoderLikelihood(Likelihood):
+    """p(x|z) = prod_d p(x_d; theta_d(z)): pixels independent given z, the parameters theta(z) of
+    all D pixels the output of one decoder MLP f: latent_dim -> reversed(hidden) -> D * P, with
+    P = ``outputs_per_pixel`` outputs for each pixel. A subclass says which distribution each pixel
+    has: ``pixel_distribution(f(z))``, a Pyro distribution of batch shape ``z.shape[:-1] + (D,)``.
 
+    :param hidden: the encoder's hidden layer sizes; the decoder mirrors them.
+    :param activation: the hidden layers' activation (see :func:`pyro_vae.nets.mlp`).
+    """
 
-@LIKELIHOODS.register("bernoulli")
-class BernoulliLikelihood(Likelihood):
-    """p(x|z) = prod_d Bernoulli(x_d; sigmoid(f(z))_d), f a decoder MLP ``latent -> hidden -> D``.
-    Data are grey values in [0, 1], read as pixel-on probabilities and binarized."""
-
-    support = "binary pixels; grey values in [0, 1] are binarized"
-    binarize = True
+    outputs_per_pixel = 1
+    unit_interval = False  # True: the data must lie in [0, 1]
 
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (200, 200),
                  activation: str = "tanh"):
         super().__init__(data_dim, latent_dim)
-        self.net = mlp([self.latent_dim, *reversed(list(hidden)), self.data_dim], activation)
+        self.net = mlp([self.latent_dim, *reversed(list(hidden)), self.data_dim * self.outputs_per_pixel],
+                       activation)
+
+    def pixel_distribution(self, outputs: torch.Tensor) -> dist.TorchDistribution:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, z):
+        return self.pixel_distribution(self.net(z)).to_event(1)
 
     def check_data(self, x, what="data"):
         super().check_data(x, what)
-        _check_range(x, what, "bernoulli", 0, 1, "rescale it (e.g. divide by the maximum pixel value)")
+        if not self.unit_interval:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            name = next((n for n in LIKELIHOODS.names() if LIKELIHOODS.get(n) is type(self)), type(self).__name__)
+            raise ValueError(f"{what} lies in [{lo:g}, {hi:g}] but the {name} likelihood needs values in "
+                             f"[0, 1]; rescale it (e.g. divide by the maximum pixel value)")
 
-    def forward(self, z):
-        return _Bernoulli(logits=self.net(z)).to_event(1)
+
+@LIKELIHOODS.register("bernoulli")
+class BernoulliLikelihood(DecoderLikelihood):
+    """p(x|z) = prod_d Bernoulli(x_d; sigmoid(f(z)_d)), a distribution over binary pixels. Grey
+    values in [0, 1] are read as pixel-on probabilities and binarized (``binarize``)."""
+
+    binarize = True
+    unit_interval = True
+
+    def pixel_distribution(self, outputs):
+        return _Bernoulli(logits=outputs)
 
 
 class _Bernoulli(dist.Bernoulli):
-    """``dist.Bernoulli`` whose log_prob, log p(x) = −BCE(logits, x), negates in place: torch's
-    allocates a second (particles × pixels) tensor for the sign, a fifth of the time of a K-particle
-    log p(x) pass (experiments/benchmarks/bench_log_px.py). Same values, same gradients."""
+    """``dist.Bernoulli`` whose log_prob, log p(x) = -BCE(logits, x), negates in place where
+    torch's allocates a second (particles x pixels) tensor for the sign
+    (experiments/benchmarks/results_log_px.md). Same values, same gradients."""
 
     def log_prob(self, value):
         if self._validate_args:
@@ -86,60 +117,54 @@ class _Bernoulli(dist.Bernoulli):
 
 
 @LIKELIHOODS.register("continuous_bernoulli")
-class ContinuousBernoulliLikelihood(Likelihood):
-    """p(x|z) = prod_d CB(x_d; lambda_d(z)), the continuous Bernoulli (Loaiza-Ganem & Cunningham,
-    2019): CB(x; lambda) = C(lambda) lambda^x (1 - lambda)^(1 - x) on x in [0, 1], with the
-    normalizer C(lambda) that a Bernoulli likelihood on grey values omits. lambda = sigmoid(f(z))."""
+class ContinuousBernoulliLikelihood(DecoderLikelihood):
+    """p(x|z) = prod_d CB(x_d; lambda_d(z)), lambda = sigmoid(f(z)), the continuous Bernoulli
+    (Loaiza-Ganem & Cunningham, 2019) on grey values x in [0, 1]:
 
-    support = "grey values in [0, 1]"
+        CB(x; lambda) = C(lambda) lambda^x (1 - lambda)^(1 - x),
+        C(lambda) = 2 atanh(1 - 2 lambda) / (1 - 2 lambda)   (2 at lambda = 1/2),
 
-    def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (200, 200),
-                 activation: str = "tanh"):
-        super().__init__(data_dim, latent_dim)
-        self.net = mlp([self.latent_dim, *reversed(list(hidden)), self.data_dim], activation)
+    the normalizer C(lambda) being what a Bernoulli likelihood on grey values omits."""
 
-    def check_data(self, x, what="data"):
-        super().check_data(x, what)
-        _check_range(x, what, "continuous_bernoulli", 0, 1, "rescale it (e.g. divide by the maximum pixel value)")
+    unit_interval = True
 
-    def forward(self, z):
-        return dist.ContinuousBernoulli(logits=self.net(z)).to_event(1)
+    def pixel_distribution(self, outputs):
+        return dist.ContinuousBernoulli(logits=outputs)
 
 
 @LIKELIHOODS.register("gaussian")
-class GaussianLikelihood(Likelihood):
-    """p(x|z) = prod_d N(x_d; mu_d(z), sigma_d^2) with a learned scale that does not depend on z:
-    one sigma for all pixels (``scale_type="global"``) or one per pixel (``"per_dim"``),
-    sigma = softplus(.) + min_scale, starting at ``init_scale``. mu = f(z), unconstrained.
+class GaussianLikelihood(DecoderLikelihood):
+    """p(x|z) = prod_d N(x_d; mu_d(z), sigma_d^2), mu = f(z) unconstrained, with a learned scale
+    that does not depend on z: sigma = softplus(r) + min_scale, starting at ``init_scale``.
 
-    :param min_scale: floor on sigma; without one, pixels that are constant in the training data
-        (the borders of digits) drive sigma -> 0 and log p(x|z) -> infinity.
+    :param scale_type: ``"global"``, one sigma for all pixels, or ``"per_dim"``, one per pixel.
+    :param init_scale: sigma at initialization, > min_scale.
+    :param min_scale: floor on sigma, > 0; without one, pixels that are constant in the training
+        data (the borders of digits) drive sigma -> 0 and log p(x|z) -> infinity.
     """
 
-    support = "real numbers"
     SCALE_TYPES = ("global", "per_dim")
 
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (200, 200),
                  activation: str = "tanh", scale_type: str = "global", init_scale: float = 0.3,
                  min_scale: float = 0.01):
-        super().__init__(data_dim, latent_dim)
         if scale_type not in self.SCALE_TYPES:
             raise ValueError(f"likelihood.scale_type must be one of {', '.join(self.SCALE_TYPES)}, got {scale_type!r}")
         if not (min_scale > 0 and init_scale > min_scale):
             raise ValueError(f"likelihood needs 0 < min_scale < init_scale, got min_scale={min_scale}, "
                              f"init_scale={init_scale}")
+        super().__init__(data_dim, latent_dim, hidden, activation)
         self.min_scale = float(min_scale)
-        self.net = mlp([self.latent_dim, *reversed(list(hidden)), self.data_dim], activation)
         raw = torch.log(torch.expm1(torch.tensor(float(init_scale - min_scale))))  # softplus^-1
         self.raw_scale = nn.Parameter(raw.expand(1 if scale_type == "global" else self.data_dim).clone())
 
     @property
     def scale(self) -> torch.Tensor:
-        return torch.nn.functional.softplus(self.raw_scale) + self.min_scale
+        """sigma, shape (1,) or (D,)."""
+        return F.softplus(self.raw_scale) + self.min_scale
 
-    def forward(self, z):
-        loc = self.net(z)
-        return dist.Normal(loc, self.scale.expand(loc.shape)).to_event(1)
+    def pixel_distribution(self, outputs):
+        return dist.Normal(outputs, self.scale.expand(outputs.shape))
 
 
 class GreyLevels(dist.TorchDistribution):
@@ -175,30 +200,36 @@ class GreyLevels(dist.TorchDistribution):
 
 
 @LIKELIHOODS.register("categorical")
-class CategoricalLikelihood(Likelihood):
-    """p(x|z) = prod_d Categorical(k_d; softmax(f(z)_d)) over L grey levels, x_d = k_d / (L - 1):
-    the decoder outputs L logits per pixel. ``num_levels=17`` matches digits (values k/16);
-    ``256`` matches 8-bit images (values k/255)."""
+class CategoricalLikelihood(DecoderLikelihood):
+    """p(x|z) = prod_d Categorical(k_d; softmax(f(z)_d)) over L grey levels, x_d = k_d / (L - 1)
+    (:class:`GreyLevels`): the decoder outputs L logits per pixel.
+
+    :param num_levels: L >= 2; 17 matches digits (values k/16), 256 8-bit images (values k/255).
+    """
+
+    unit_interval = True
 
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (200, 200),
                  activation: str = "tanh", num_levels: int = 17):
-        super().__init__(data_dim, latent_dim)
         if int(num_levels) != num_levels or num_levels < 2:
             raise ValueError(f"likelihood.num_levels must be an integer >= 2, got {num_levels!r}")
-        self.num_levels = int(num_levels)
-        self.support = f"the {self.num_levels} grey levels k/{self.num_levels - 1}, k = 0..{self.num_levels - 1}"
-        self.net = mlp([self.latent_dim, *reversed(list(hidden)), self.data_dim * self.num_levels], activation)
+        self.num_levels = int(num_levels)  # read by DecoderLikelihood.__init__ to size the decoder
+        super().__init__(data_dim, latent_dim, hidden, activation)
+
+    @property
+    def outputs_per_pixel(self) -> int:
+        return self.num_levels
 
     def check_data(self, x, what="data"):
         super().check_data(x, what)
-        _check_range(x, what, "categorical", 0, 1, "rescale it (e.g. divide by the maximum pixel value)")
         scaled = x * (self.num_levels - 1)
         off = (scaled - scaled.round()).abs()
         if off.max() > 1e-4:
             bad = x.flatten()[off.flatten().argmax()].item()
-            raise ValueError(f"{what} holds {bad:g}, not one of {self.support}; set likelihood.num_levels to "
-                             f"the data's number of grey levels (17 for digits, 256 for 8-bit images)")
+            last = self.num_levels - 1
+            raise ValueError(f"{what} holds {bad:g}, not one of the {self.num_levels} grey levels k/{last}, "
+                             f"k = 0..{last}; set likelihood.num_levels to the data's number of grey levels "
+                             f"(17 for digits, 256 for 8-bit images)")
 
-    def forward(self, z):
-        logits = self.net(z)
-        return GreyLevels(logits.reshape(*logits.shape[:-1], self.data_dim, self.num_levels)).to_event(1)
+    def pixel_distribution(self, outputs):
+        return GreyLevels(outputs.reshape(*outputs.shape[:-1], self.data_dim, self.num_levels))

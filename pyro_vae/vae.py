@@ -9,80 +9,51 @@ Both are plain Pyro functions, usable with any ``pyro.infer`` ELBO and ``pyro.in
     svi.step(x_batch, num_data=len(train_x))
 
 With ``num_data`` > len(x) the data plate is subsampled, so Pyro scales each per-point term by
-num_data / len(x) and the loss estimates the full-data ELBO.
+num_data / len(x) and the loss estimates the full-data ELBO (:meth:`LatentVariableModel.data_plate`).
 """
 
 from __future__ import annotations
 
-import itertools
-from contextlib import contextmanager
-
 import pyro
 import torch
-from torch import nn
 
 from . import traces
+from .base import LatentVariableModel
 from .guides import Guide
 from .likelihoods import Likelihood
 from .priors import Prior
 
-_instance_ids = itertools.count()
 
+class VAE(LatentVariableModel):
+    """Composes ``prior`` p(z), ``likelihood`` p(x|z) and ``encoder``, the guide family q(z|x).
 
-class VAE(nn.Module):
-    """Composes ``prior``, ``likelihood`` and ``encoder`` (the guide family q(z|x)).
+    Parameters live in this module and are registered with Pyro's param store as ``vae0``,
+    ``vae1``, ... (see :class:`pyro_vae.base.LatentVariableModel`).
 
-    Parameters live in this module; ``model`` and ``guide`` register them with Pyro's param store
-    under a name unique to the instance (``vae0``, ``vae1``, ...), so two VAEs in one process never
-    share or overwrite each other's parameters."""
+    :param prior: p(z), a :class:`pyro_vae.priors.Prior`.
+    :param likelihood: p(x|z), a :class:`pyro_vae.likelihoods.Likelihood`.
+    :param encoder: q(z|x), a :class:`pyro_vae.guides.Guide`.
+    :param name: the name in Pyro's param store (default ``vae<k>``).
+    """
+
+    name_prefix = "vae"
 
     def __init__(self, prior: Prior, likelihood: Likelihood, encoder: Guide, name: str | None = None):
-        super().__init__()
+        super().__init__(likelihood, name)
         dims = {prior.latent_dim, likelihood.latent_dim, encoder.latent_dim}
         if len(dims) != 1 or likelihood.data_dim != encoder.data_dim:
             raise ValueError("prior, likelihood and guide disagree on latent_dim or data_dim")
-        self.prior, self.likelihood, self.encoder = prior, likelihood, encoder
-        self.data_dim, self.latent_dim = likelihood.data_dim, prior.latent_dim
-        self.name = name or f"vae{next(_instance_ids)}"
-        self._use_param_store = True
-
-    @contextmanager
-    def without_param_store(self):
-        """Run ``model``/``guide`` without registering parameters with Pyro's param store, for
-        loops where a torch optimizer over ``self.parameters()`` owns them (``pyro_vae.train``).
-        Registration walks every parameter on each call: about 1 ms a training step."""
-        previous, self._use_param_store = self._use_param_store, False
-        try:
-            yield self
-        finally:
-            self._use_param_store = previous
-
-    def _data_plate(self, x, num_data):
-        if x.dim() != 2 or x.shape[1] != self.data_dim:
-            raise ValueError(
-                f"expected x of shape (N, {self.data_dim}), got {tuple(x.shape)}; flatten images first"
-            )
-        batch = x.shape[0]
-        if num_data is None or num_data == batch:
-            return pyro.plate("data", batch)
-        # The batch is a subsample of num_data points: the plate scales log-densities by
-        # num_data / batch. Passing the indices (not subsample_size) keeps Pyro from drawing a
-        # random subsample of its own, which would consume the RNG.
-        return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device))
+        self.prior, self.encoder = prior, encoder
 
     def model(self, x: torch.Tensor, num_data: int | None = None):
         """p(x, z) = p(z) p(x|z), one (z_n, x_n) pair per row of x."""
-        if self._use_param_store:
-            pyro.module(self.name, self)
-        with self._data_plate(x, num_data):
+        with self.data_plate(x, num_data):
             z = pyro.sample("z", self.prior())
             pyro.sample("x", self.likelihood(z), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None):
         """q(z|x) = prod_n q(z_n | x_n)."""
-        if self._use_param_store:
-            pyro.module(self.name, self)
-        with self._data_plate(x, num_data):
+        with self.data_plate(x, num_data):
             pyro.sample("z", self.encoder(x))
 
     @torch.no_grad()
@@ -102,12 +73,7 @@ class VAE(nn.Module):
             return q.rsample((num_samples,)).mean(0)
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """E[x | z] at z = the guide's mean for x."""
-        return self.likelihood.mean(self.encode(x))
-
-    @torch.no_grad()
     def sample(self, num_samples: int) -> torch.Tensor:
-        """E[x | z] for z ~ p(z) (the decoder's mean image, not a noisy draw)."""
+        """E[x | z] for z ~ p(z) (the decoder's mean image, not a noisy draw), shape (num_samples, D)."""
         z = self.prior().sample((num_samples,))
         return self.likelihood.mean(z)

@@ -2,7 +2,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae import build_vae
+from pyro_vae import build_model
 
 # The test models are tiny: a second intra-op thread only adds synchronization on a 2-core box.
 torch.set_num_threads(1)
@@ -27,6 +27,6 @@ def _fresh_state():
 def tiny_vae():
     def make(data_dim=64, **model):
         cfg = {**TINY, "model": {**TINY["model"], **model}}
-        return build_vae(cfg, data_dim)
+        return build_model(cfg, data_dim)
 
     return make

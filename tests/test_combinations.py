@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_vae import build_objective, build_vae, load_dataset
+from pyro_vae import build_objective, build_model, load_dataset
 from pyro_vae.guides import GUIDES, Guide
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.nets import mlp
@@ -57,7 +57,7 @@ def train_briefly(vae, objective, x, steps=3):
 def test_every_combination_trains_and_ends_finite(digits, prior, guide, likelihood):
     x, data_dim = digits
     cfg = config(prior, guide, likelihood)
-    vae = build_vae(cfg, data_dim)
+    vae = build_model(cfg, data_dim)
     loss = train_briefly(vae, build_objective(cfg), x)
     assert torch.isfinite(loss)
     x_eval = torch.bernoulli(x[:32]) if vae.likelihood.binarize else x[:32]
@@ -70,7 +70,7 @@ def test_every_combination_trains_and_ends_finite(digits, prior, guide, likeliho
 def test_every_prior_and_guide_trains_with_each_objective(digits, prior, guide, objective):
     x, data_dim = digits
     cfg = config(prior, guide, "bernoulli", objective)
-    assert torch.isfinite(train_briefly(build_vae(cfg, data_dim), build_objective(cfg), x))
+    assert torch.isfinite(train_briefly(build_model(cfg, data_dim), build_objective(cfg), x))
 
 
 def test_every_config_file_builds_and_the_issue_example_composes():
@@ -81,11 +81,11 @@ def test_every_config_file_builds_and_the_issue_example_composes():
         for group in ("prior", "guide", "likelihood", "objective"):
             for choice in group_choices(group):
                 cfg = compose("config", overrides=[f"{group}={choice}", "model.latent_dim=2", "model.hidden=[8]"])
-                build_vae(cfg, 64)
+                build_model(cfg, 64)
                 build_objective(cfg)
         cfg = compose("config", overrides=["prior=vamp", "guide=iaf", "likelihood=bernoulli", "objective=iwae",
                                            "objective.num_particles=5"])
-    vae, objective = build_vae(cfg, 64), build_objective(cfg)
+    vae, objective = build_model(cfg, 64), build_objective(cfg)
     assert type(vae.prior).__name__ == "VampPrior" and vae.prior.encoder is vae.encoder
     assert type(vae.encoder).__name__ == "IAFGuide"
     assert isinstance(objective, IWAE) and objective.num_particles == 5
@@ -123,7 +123,7 @@ def test_a_users_prior_and_guide_classes_plug_in_by_name(digits):
     x, data_dim = digits
     cfg = config("test_laplace", "test_student_t", "bernoulli", {"name": "iwae", "num_particles": 4, "estimator": "dreg"})
     cfg["guide"]["df"] = 5.0
-    vae = build_vae(cfg, data_dim)
+    vae = build_model(cfg, data_dim)
     assert isinstance(vae.prior, LaplacePrior) and vae.encoder.df == 5.0
     assert torch.isfinite(train_briefly(vae, build_objective(cfg), x))
 
@@ -131,7 +131,7 @@ def test_a_users_prior_and_guide_classes_plug_in_by_name(digits):
 def test_a_plain_pyro_guide_function_plugs_in(digits):
     """Any Pyro guide with the model's signature, sampling "z" in the "data" plate, trains the VAE."""
     x, data_dim = digits
-    vae = build_vae(config("standard_normal", "diagonal_normal", "bernoulli"), data_dim)
+    vae = build_model(config("standard_normal", "diagonal_normal", "bernoulli"), data_dim)
     encoder = mlp([data_dim, 8, 2], "tanh")
     encoder_before = encoder[0].weight.detach().clone()
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from pyro_vae import build_objective, build_vae
+from pyro_vae import build_objective, build_model
 from pyro_vae.train import TrainConfig
 
 RUN_PY = os.path.join(os.path.dirname(__file__), "..", "experiments", "compare_models", "run.py")
@@ -29,7 +29,7 @@ def test_compare_models_variant_builds(variant):
     """Each variant builds and its objective gives a finite loss on a batch of binary images."""
     cfg = RUN.variant_config(CONF, variant, seed=0)
     torch.manual_seed(0)
-    vae, objective = build_vae(cfg, 784), build_objective(cfg)
+    vae, objective = build_model(cfg, 784), build_objective(cfg)
     x = torch.bernoulli(torch.full((3, 784), 0.3))
     with vae.without_param_store():
         assert torch.isfinite(objective.differentiable_loss(vae.model, vae.guide, x, num_data=3))

@@ -1,12 +1,15 @@
-"""Likelihoods: log p(x|z) against the formulas, the support checks, binarize flags, bad options."""
+"""Likelihoods: log p(x|z) against the formulas, the decoder base, what the binarize flag means,
+the support checks and bad options."""
 
+import itertools
 import math
 
+import pyro.distributions as dist
 import pytest
 import torch
 
 from pyro_vae.likelihoods import (LIKELIHOODS, BernoulliLikelihood, CategoricalLikelihood,
-                                  ContinuousBernoulliLikelihood, GaussianLikelihood, GreyLevels)
+                                  ContinuousBernoulliLikelihood, DecoderLikelihood, GaussianLikelihood, GreyLevels)
 
 D, d = 5, 2
 
@@ -22,7 +25,6 @@ def test_continuous_bernoulli_includes_its_normalizer():
     log_c = torch.log(2 * torch.atanh(1 - 2 * lam) / (1 - 2 * lam))  # C(lambda), lambda != 1/2
     by_hand = (log_c + x * torch.log(lam) + (1 - x) * torch.log1p(-lam)).sum(-1)
     assert torch.allclose(lik(z).log_prob(x).double(), by_hand, atol=1e-4)
-    assert not lik.binarize
 
 
 @pytest.mark.parametrize("scale_type,size", [("global", 1), ("per_dim", D)])
@@ -36,7 +38,6 @@ def test_gaussian_with_learned_scale(scale_type, size):
     assert torch.allclose(lik(z).log_prob(x), by_hand, atol=1e-5)
     lik(z).log_prob(x).sum().backward()
     assert lik.raw_scale.grad.abs().sum() > 0  # the scale is learned
-    assert not lik.binarize
 
 
 def test_categorical_over_grey_levels():
@@ -53,11 +54,52 @@ def test_categorical_over_grey_levels():
     s = levels.sample((3,))
     assert torch.allclose(s * 16, (s * 16).round())
     assert torch.allclose(levels.mean, (logits.exp() * torch.arange(17) / 16).sum(-1), atol=1e-6)
-    assert not lik.binarize
 
 
-def test_bernoulli_binarizes():
-    assert BernoulliLikelihood(D, d, hidden=[8]).binarize
+NAMES = ["bernoulli", "continuous_bernoulli", "gaussian", "categorical"]
+
+
+def build(name, **options):
+    return LIKELIHOODS.build(name, options, data_dim=D, latent_dim=d, hidden=[8, 4], activation="tanh")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_binarize_exactly_when_a_distribution_over_binary_pixels(name):
+    """``binarize`` says the likelihood is a distribution over binary images: then p(x|z) sums to 1
+    over the 2^D binary x; for the grey-value likelihoods it does not."""
+    torch.manual_seed(0)
+    lik, z = build(name), torch.randn(3, d)
+    corners = torch.tensor(list(itertools.product([0.0, 1.0], repeat=D)))[:, None, :]  # (2^D, 1, D)
+    total = lik(z).log_prob(corners).exp().sum(0)
+    assert torch.allclose(total, torch.ones(3), atol=1e-5) == lik.binarize, (name, total)
+
+
+@pytest.mark.parametrize("name, outputs", [("bernoulli", D), ("continuous_bernoulli", D), ("gaussian", D),
+                                           ("categorical", 17 * D)])
+def test_decoder_mirrors_the_encoder_and_outputs_the_pixel_parameters(name, outputs):
+    lik = build(name)
+    assert isinstance(lik, DecoderLikelihood)
+    sizes = [m.in_features for m in lik.net if isinstance(m, torch.nn.Linear)] + [lik.net[-1].out_features]
+    assert sizes == [d, 4, 8, outputs]
+    z = torch.randn(7, 2, d)
+    assert lik(z).batch_shape == (7, 2) and lik(z).event_shape == (D,) and lik.mean(z).shape == (7, 2, D)
+
+
+def test_a_new_decoder_likelihood_is_one_method():
+    """A Laplace likelihood on the base: two decoder outputs per pixel (location, log scale)."""
+
+    class Laplace(DecoderLikelihood):
+        outputs_per_pixel = 2
+
+        def pixel_distribution(self, outputs):
+            loc, log_scale = outputs.reshape(*outputs.shape[:-1], self.data_dim, 2).unbind(-1)
+            return dist.Laplace(loc, log_scale.exp())
+
+    torch.manual_seed(0)
+    lik, z, x = Laplace(D, d, hidden=[8]), torch.randn(4, d), grey_levels()
+    loc, log_scale = lik.net(z).reshape(4, D, 2).unbind(-1)
+    by_hand = (-(x - loc).abs() / log_scale.exp() - log_scale - math.log(2)).sum(-1)
+    torch.testing.assert_close(lik(z).log_prob(x), by_hand)
 
 
 @pytest.mark.parametrize("name", ["bernoulli", "continuous_bernoulli", "categorical"])

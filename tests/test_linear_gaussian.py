@@ -6,7 +6,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 
-from pyro_vae.models.linear_gaussian import LinearGaussian, LinearGaussianGuide, gaussian_kl
+from pyro_vae.exact.linear_gaussian import LinearGaussian, LinearGaussianGuide, gaussian_kl
 
 
 @pytest.fixture
@@ -92,8 +92,15 @@ def test_bad_parameters_raise():
         LinearGaussian(torch.ones(3, 2), torch.zeros(2), 1.0)
 
 
-def test_pyro_param_store_untouched(lg):
-    pyro.clear_param_store()
+def test_model_and_guide_have_no_parameters(lg):
+    """The fixed model and guide neither read nor write Pyro's param store: a parameter already in
+    the store is left as it was and neither trace has a param site."""
+    sentinel = pyro.param("sentinel", torch.ones(2))
     x = lg.sample(3)
-    poutine.trace(lg.model).get_trace(x)
-    assert len(pyro.get_param_store()) == 0
+    guide = LinearGaussianGuide.exact(lg).guide
+    guide_tr = poutine.trace(guide).get_trace(x)
+    model_tr = poutine.trace(poutine.replay(lg.model, trace=guide_tr)).get_trace(x)
+    for tr in (guide_tr, model_tr):
+        assert not any(site["type"] == "param" for site in tr.nodes.values())
+    assert list(pyro.get_param_store().keys()) == ["sentinel"]
+    assert pyro.param("sentinel") is sentinel and torch.equal(sentinel, torch.ones(2))

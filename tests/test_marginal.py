@@ -18,8 +18,8 @@ from pyro.ops.stats import fit_generalized_pareto
 
 from pyro_vae.marginal import Batching, LogPxEstimate, estimate_log_px
 from pyro_vae.psis import pareto_k_hat
-from pyro_vae.models.gaussian_mixture import GaussianMixture
-from pyro_vae.models.linear_gaussian import LinearGaussian, LinearGaussianGuide
+from pyro_vae.exact.gaussian_mixture import GaussianMixture
+from pyro_vae.exact.linear_gaussian import LinearGaussian, LinearGaussianGuide
 
 F32_EPS = torch.finfo(torch.float32).eps
 
@@ -381,7 +381,7 @@ def test_bad_input_gives_one_line_errors(lg, bad, error, match):
 
 def test_core_imports_no_plotting_and_plot_draws(lg, tmp_path):
     code = ("import sys; from pyro_vae.marginal import estimate_log_px; "
-            "import pyro_vae.models.linear_gaussian; assert 'matplotlib' not in sys.modules")
+            "import pyro_vae.exact.linear_gaussian; assert 'matplotlib' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
     import matplotlib
     matplotlib.use("Agg")
@@ -397,11 +397,11 @@ def test_core_imports_no_plotting_and_plot_draws(lg, tmp_path):
 # ---------------------------------------------------------------- the library's VAE
 
 def test_vae_matches_direct_importance_sampling_and_ignores_num_data():
-    from pyro_vae import build_vae
+    from pyro_vae import build_model
     torch.manual_seed(0)
     cfg = {"model": {"latent_dim": 4, "hidden": [16], "activation": "tanh"}, "prior": {"name": "standard_normal"},
            "guide": {"name": "diagonal_normal"}, "likelihood": {"name": "bernoulli"}}
-    vae = build_vae(cfg, data_dim=12).eval()
+    vae = build_model(cfg, data_dim=12).eval()
     x = torch.bernoulli(torch.full((15, 12), 0.3), generator=torch.Generator().manual_seed(1))
     ours = estimate(vae.model, vae.guide, x, 2000, points=15, particles=2000, seed=0, warn=False)
     # The same estimator written against the VAE's distributions, no Pyro traces. Same seed and the
@@ -423,10 +423,10 @@ def test_vae_matches_direct_importance_sampling_and_ignores_num_data():
 
 
 def test_every_row_is_validated_even_beyond_the_first_pass():
-    from pyro_vae import build_vae
+    from pyro_vae import build_model
     cfg = {"model": {"latent_dim": 2, "hidden": [8], "activation": "tanh"}, "prior": {"name": "standard_normal"},
            "guide": {"name": "diagonal_normal"}, "likelihood": {"name": "bernoulli"}}
-    vae = build_vae(cfg, data_dim=5)
+    vae = build_model(cfg, data_dim=5)
     x = torch.bernoulli(torch.full((30, 5), 0.5), generator=torch.Generator().manual_seed(0))
     x[23, 1] = 0.5  # not a binary pixel: outside the Bernoulli support
     with pytest.raises(ValueError, match="the model rejects rows 20-29 of x") as info:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_vae import build_vae
-from pyro_vae.models.linear_gaussian import LinearGaussian, LinearGaussianGuide
+from pyro_vae import build_model
+from pyro_vae.exact.linear_gaussian import LinearGaussian, LinearGaussianGuide
 from pyro_vae.objectives import IWAE, OBJECTIVES, MeanFieldELBO, TraceELBO
 
 
@@ -209,7 +209,7 @@ def test_mean_field_without_a_closed_form_kl_falls_back_or_refuses(tiny_vae):
     cfg = {"model": {"latent_dim": 3, "hidden": [16], "activation": "tanh"},
            "prior": {"name": "mixture", "num_components": 3}, "guide": {"name": "diagonal_normal"},
            "likelihood": {"name": "bernoulli"}}
-    vae = build_vae(cfg, 8)
+    vae = build_model(cfg, 8)
     x = torch.bernoulli(torch.full((6, 8), 0.4))
     assert torch.isfinite(MeanFieldELBO(fallback="mc").differentiable_loss(vae.model, vae.guide, x))
     with pytest.raises(ValueError, match=r"no closed-form KL\(Independent \|\| DiagonalNormalMixture\) at site 'z'; "

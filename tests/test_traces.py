@@ -10,7 +10,7 @@ import torch
 
 import pyro_vae.guides  # noqa: F401  (registers KL(MultivariateNormal || Independent Normal))
 from pyro_vae import traces
-from pyro_vae.models.linear_gaussian import LinearGaussian, LinearGaussianGuide, gaussian_kl
+from pyro_vae.exact.linear_gaussian import LinearGaussian, LinearGaussianGuide, gaussian_kl
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from pyro.infer import Importance, Trace_ELBO
-from pyro_vae import build_vae, load_dataset
+from pyro_vae import build_model, load_dataset
 from pyro_vae.data import TEST_BINARIZATION_SEED, binarize_fixed
 from pyro_vae.guides import MIN_SCALE
 from pyro_vae.marginal import Batching, estimate_log_px
@@ -58,7 +58,7 @@ def reference_vae(run_dir: str | None, epochs: int):
         vae, cfg, _ = load_run(run_dir)
         return vae, cfg
     torch.manual_seed(0)
-    vae = build_vae(REFERENCE, 784)
+    vae = build_model(REFERENCE, 784)
     if os.path.exists(CACHE):
         vae.load_state_dict(torch.load(CACHE))
         return vae.eval(), REFERENCE
@@ -185,7 +185,7 @@ def peak_memory(vae, cfg, x, K: int, images: int, max_batch: int, threads: int) 
 
 def memory_worker(folder: str, K: int, max_batch: int) -> None:
     inputs = torch.load(os.path.join(folder, "inputs.pt"), weights_only=True)  # tensors and plain config
-    vae, x = build_vae(inputs["cfg"], inputs["x"].shape[1]), inputs["x"]
+    vae, x = build_model(inputs["cfg"], inputs["x"].shape[1]), inputs["x"]
     vae.load_state_dict(inputs["state"])
     vae.eval()
     with open("/proc/self/status") as f:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_vae import build_vae, load_dataset
+from pyro_vae import build_model, load_dataset
 from pyro_vae.train import train_epoch
 
 ARCHITECTURES = {"784-200-200-50 (reference)": [200, 200], "784-400-50": [400]}
@@ -58,14 +58,14 @@ def main():
     rows = []
     for arch, hidden in ARCHITECTURES.items():
         torch.manual_seed(0)
-        vae = build_vae(config(hidden), 784)
+        vae = build_model(config(hidden), 784)
         lib_opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
         # The hand-written loop gets its own copies of the same networks.
-        ref = build_vae(config(hidden), 784)
+        ref = build_model(config(hidden), 784)
         ref.load_state_dict(vae.state_dict())
         enc, dec = ref.encoder.net, ref.likelihood.net
         ref_opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3)
-        svi_vae = build_vae(config(hidden), 784)
+        svi_vae = build_model(config(hidden), 784)
         svi_vae.load_state_dict(vae.state_dict())
         svi = SVI(svi_vae.model, svi_vae.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
 

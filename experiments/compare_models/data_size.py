@@ -28,7 +28,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 import run  # noqa: E402
-from pyro_vae import build_objective, build_vae, load_dataset  # noqa: E402
+from pyro_vae import build_objective, build_model, load_dataset  # noqa: E402
 from pyro_vae.checkpoint import atomic_write_json  # noqa: E402
 from pyro_vae.data import TEST_BINARIZATION_SEED, binarize_fixed  # noqa: E402
 from pyro_vae.experiment import mean_se  # noqa: E402
@@ -52,7 +52,7 @@ def train(variant, sizes, seeds):
             run_dir = os.path.join(ROOT, variant, f"n{n}", f"seed{seed}")
             os.makedirs(run_dir, exist_ok=True)
             torch.manual_seed(seed)
-            vae, objective = build_vae(cfg, splits.data_dim), build_objective(cfg)
+            vae, objective = build_model(cfg, splits.data_dim), build_objective(cfg)
             train_cfg = TrainConfig(**{k: v for k, v in cfg["train"].items() if k != "val_fraction"})
             start = time.perf_counter()
             result = fit(vae, splits, objective, train_cfg, run_dir, seed=seed, progress=True,

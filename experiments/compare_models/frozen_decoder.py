@@ -31,7 +31,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
-from pyro_vae import build_objective, build_vae, estimate_log_px  # noqa: E402
+from pyro_vae import build_objective, build_model, estimate_log_px  # noqa: E402
 from pyro_vae.data import TEST_BINARIZATION_SEED, VAL_BINARIZATION_SEED, binarize_fixed  # noqa: E402
 from pyro_vae.experiment import load_run  # noqa: E402
 from pyro_vae.train import train_epoch  # noqa: E402
@@ -41,7 +41,7 @@ def full_from_diagonal(vae, cfg, data_dim, off_diagonal_scale):
     """A full_normal VAE with the same decoder and an encoder whose q equals ``vae``'s at the start."""
     cfg = copy.deepcopy(dict(cfg))
     cfg["guide"] = {"name": "full_normal", "off_diagonal_scale": off_diagonal_scale}
-    full = build_vae(cfg, data_dim)
+    full = build_model(cfg, data_dim)
     full.likelihood.load_state_dict(vae.likelihood.state_dict())
     src, dst = vae.encoder.net, full.encoder.net
     with torch.no_grad():

@@ -12,7 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))
 from test_objectives import gradient_draws  # noqa: E402
 
-from pyro_vae.models.linear_gaussian import LinearGaussian  # noqa: E402
+from pyro_vae.exact.linear_gaussian import LinearGaussian  # noqa: E402
 
 torch.set_default_dtype(torch.float64)
 lg = LinearGaussian.random(D=4, d=2, sigma=0.5, seed=0)

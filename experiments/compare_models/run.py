@@ -45,14 +45,14 @@ def variant_config(conf, variant, seed, epochs=None):
 
 def time_variants(conf, steps=5):
     """Seconds per training epoch: `steps` minibatch steps, scaled to one epoch."""
-    from pyro_vae import build_objective, build_vae, load_dataset
+    from pyro_vae import build_objective, build_model, load_dataset
 
     splits = load_dataset("mnist5k", None, 0.1)
     n, batch = len(splits.train_x), conf["base"]["train"]["batch_size"]
     for variant in conf["variants"]:
         cfg = variant_config(conf, variant, 0)
         torch.manual_seed(0)
-        vae, objective = build_vae(cfg, splits.data_dim), build_objective(cfg)
+        vae, objective = build_model(cfg, splits.data_dim), build_objective(cfg)
         opt = torch.optim.Adam(vae.parameters(), 1e-3)
         x = torch.bernoulli(splits.train_x[:batch])
         for i in range(steps + 1):

@@ -28,7 +28,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 import run  # noqa: E402
-from pyro_vae import build_objective, build_vae, load_dataset  # noqa: E402
+from pyro_vae import build_objective, build_model, load_dataset  # noqa: E402
 from pyro_vae.data import VAL_BINARIZATION_SEED, binarize_fixed  # noqa: E402
 from pyro_vae.checkpoint import atomic_write_json  # noqa: E402
 from pyro_vae.train import train_epoch  # noqa: E402
@@ -61,7 +61,7 @@ def main():
         cfg[section][option] = yaml.safe_load(value)
     splits = load_dataset(cfg["data"]["name"], cfg["data"]["path"], cfg["train"]["val_fraction"])
     torch.manual_seed(args.seed)
-    vae, objective = build_vae(cfg, splits.data_dim), build_objective(cfg)
+    vae, objective = build_model(cfg, splits.data_dim), build_objective(cfg)
     if args.torch_default_init:
         torch_default_init(vae)
     optimizer = torch.optim.Adam(vae.parameters(), lr=cfg["train"]["lr"])

@@ -31,9 +31,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Ellipse  # noqa: E402
 
+from mixture_svi import CategoricalGuide, TrainableGaussianMixture, fit, gradient_moments, init_params  # noqa: E402
+from pyro_vae.exact import GaussianMixture  # noqa: E402
 from pyro_vae.marginal import estimate_log_px  # noqa: E402
-from pyro_vae.models.gaussian_mixture import (CategoricalGuide, GaussianMixture, TrainableGaussianMixture,  # noqa: E402
-                                              fit, gradient_moments, init_params)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COLORS = np.array([[0.85, 0.2, 0.15], [0.15, 0.45, 0.85], [0.2, 0.7, 0.25], [0.9, 0.6, 0.1], [0.5, 0.3, 0.7]])
@@ -169,7 +169,8 @@ def plot_bounds(path, bounds):
 
 
 def bounds_for(mixture, guide, x, K, seed):
-    """Mean ELBO, IWAE-K for every prefix K, exact ELBO and exact log p(x) over the points of x.
+    """Mean ELBO, IWAE-K for every prefix K, exact ELBO and exact log p(x) over the points of x,
+    for the exact ``mixture`` (a GaussianMixture) and the amortized ``guide``.
 
     ``gap_sem`` is the standard error of the mean of log p(x_n) − log p̂_K(x_n) over points: paired
     with the exact value, so it holds only the Monte Carlo noise and the spread of the gap.
@@ -240,7 +241,7 @@ def main():
     # ELBO, IWAE-K and exact log p(x) with the amortized run's model, for an untrained and its trained guide.
     b = cfg["bounds"]
     xb = x[:b["num_points"]]
-    results["bounds"] = {name: bounds_for(runs["amortized"].mixture, q, xb, b["num_samples"], cfg["seed"])
+    results["bounds"] = {name: bounds_for(runs["amortized"].mixture.fixed(), q, xb, b["num_samples"], cfg["seed"])
                          for name, q in [("untrained q", at["init"][1]), ("trained q", runs["amortized"].guide)]}
     plot_bounds(os.path.join(args.out, "bounds.png"), results["bounds"])
     with open(os.path.join(args.out, "results.json"), "w") as fh:

@@ -3,9 +3,10 @@
     python experiments/gmvae/run.py [--config config.yaml] [--datasets digits mnist5k]
                                     [--epochs N] [--num-samples K] [--out DIR]
 
-Per dataset it trains a GMVAE with ``TraceEnum_ELBO(max_plate_nesting=1)`` via ``pyro_vae.train.fit``
-(best validation epoch kept), then on the protocol test set (binarized once, seed 0):
-    test ELBO (analytic KLs), test log p(x) = estimate_log_px(model, sampled_guide, K),
+Per dataset it builds a GMVAE (``pyro_vae.build.build_model`` with ``model.name: gmvae``) and trains
+it with ``TraceEnum_ELBO(max_plate_nesting=1)`` via ``pyro_vae.train.fit`` (best validation epoch
+kept), then on the protocol test set (binarized once, seed 0):
+    test ELBO (analytic KLs), test log p(x) = estimate_log_px(model, guide, K) (c drawn),
     a cross-check of that estimate against log_px_enumerated on a subset,
     clustering accuracy (Hungarian matching) of argmax_c q(c|x) and of k-means on the grey pixels.
 Writes DIR/results.json (merged across invocations; key = dataset, or dataset_<N>epochs
@@ -31,9 +32,9 @@ from pyro.infer import TraceEnum_ELBO
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pyro_vae import estimate_log_px, load_dataset  # noqa: E402
+from pyro_vae import build_model, estimate_log_px, load_dataset  # noqa: E402
 from pyro_vae.data import TEST_BINARIZATION_SEED, binarize_fixed  # noqa: E402
-from pyro_vae.gmvae import GMVAE, cluster_accuracy  # noqa: E402
+from pyro_vae.gmvae import cluster_accuracy  # noqa: E402
 from pyro_vae.train import TrainConfig, evaluate_elbo, fit  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,7 +52,7 @@ def samples_figure(g, splits, train_clusters, path, per_cluster=10):
     """One row per cluster c: decoder means for z ~ p(z|c); the row is labelled with the majority
     training label of the points q assigns to c and how many there are."""
     torch.manual_seed(0)
-    images = g.sample(per_cluster).numpy().reshape(g.num_clusters, per_cluster, *splits.image_shape)
+    images = g.sample_per_cluster(per_cluster).numpy().reshape(g.num_clusters, per_cluster, *splits.image_shape)
     fig, axes = plt.subplots(g.num_clusters, per_cluster, figsize=(per_cluster * 0.8, g.num_clusters * 0.85))
     for c in range(g.num_clusters):
         members = splits.train_y[train_clusters == c]
@@ -72,7 +73,8 @@ def run_dataset(name, key, cfg, args):
     seed = cfg["seed"]
     torch.manual_seed(seed)
     splits = load_dataset(name)
-    g = GMVAE(splits.data_dim, num_clusters=cfg["num_clusters"], **dcfg["model"])
+    model = {"name": "gmvae", "num_clusters": cfg["num_clusters"], **dcfg["model"]}
+    g = build_model({"model": model, "likelihood": cfg["likelihood"]}, splits.data_dim)
     tcfg = TrainConfig(**{**dcfg["train"], **({"epochs": args.epochs} if args.epochs else {})})
     t0 = time.time()
     saved = os.path.join(args.checkpoint_dir, f"gmvae_{key}.pt") if args.checkpoint_dir else None
@@ -95,13 +97,13 @@ def run_dataset(name, key, cfg, args):
     test = evaluate_elbo(g, test_x)
     K = args.num_samples or cfg["eval_num_samples"]
     t0 = time.time()
-    est = estimate_log_px(g.model, g.sampled_guide, test_x, num_samples=K, seed=seed, progress=False)
+    est = estimate_log_px(g.model, g.guide, test_x, num_samples=K, seed=seed, progress=False)
     eval_s = time.time() - t0
     cc = cfg["crosscheck"]
     sub = test_x[: cc["num_points"]]
     torch.manual_seed(seed)
     enum_sub = g.log_px_enumerated(sub, cc["num_samples"])
-    samp_sub = estimate_log_px(g.model, g.sampled_guide, sub, num_samples=cc["num_samples"] * g.num_clusters,
+    samp_sub = estimate_log_px(g.model, g.guide, sub, num_samples=cc["num_samples"] * g.num_clusters,
                                seed=seed + 1, progress=False, warn=False).log_px
     train_clusters = g.predict_cluster(binarize_fixed(splits.train_x, TEST_BINARIZATION_SEED))
     test_clusters = g.predict_cluster(test_x)

@@ -1,1 +1,0 @@
-"""Tractable latent-variable models whose log p(x) and posterior are exact."""
