@@ -12,7 +12,7 @@ from pyro import poutine
 from pyro.infer import SVI, TraceEnum_ELBO
 
 from pyro_vae import estimate_log_px
-from pyro_vae.data import Splits
+from pyro_vae.data import Splits, check_and_binarize
 from pyro_vae.gmvae import GMVAE, cluster_accuracy
 from pyro_vae.train import TrainConfig, fit
 
@@ -146,9 +146,9 @@ def test_short_fit_on_digits_subset_is_finite(tmp_path):
     ys = torch.as_tensor(d.target[:300])
     splits = Splits("digits", (8, 8), xs[:240], ys[:240], xs[240:], ys[240:], xs[240:], ys[240:])
     g = GMVAE(64, latent_dim=4, num_clusters=10, hidden=(32,))
-    result = fit(g, splits, TraceEnum_ELBO(max_plate_nesting=1), TrainConfig(epochs=3, batch_size=60),
-                 str(tmp_path), progress=False)
-    assert result.epochs_run == 3 and math.isfinite(result.best_val_elbo)
+    result = fit(g, check_and_binarize(splits, g.likelihood), TraceEnum_ELBO(max_plate_nesting=1),
+                 TrainConfig(epochs=3, batch_size=60), progress=False)
+    assert result.epochs_run == 3 and math.isfinite(result.best_score)
     assert all(math.isfinite(v) for r in result.history for v in r.values())
     assert result.history[-1]["train_elbo"] > result.history[0]["train_elbo"] - 5  # no blow-up
     clusters = g.predict_cluster(torch.bernoulli(splits.test_x))
@@ -192,8 +192,7 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     bad = Splits("toy", (2, 3), x.float(), torch.zeros(5, dtype=torch.long), x.float(),
                  torch.zeros(5, dtype=torch.long), x.float(), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="NaN") as e:
-        fit(GMVAE(6, latent_dim=2, num_clusters=2, hidden=(4,)), bad, TraceEnum_ELBO(max_plate_nesting=1),
-            TrainConfig(epochs=1), str(tmp_path), progress=False)
+        check_and_binarize(bad, GMVAE(6, latent_dim=2, num_clusters=2, hidden=(4,)).likelihood)
     assert _one_line(e)
     with pytest.raises(ValueError, match="must be >= 1"):
         GMVAE(6, num_clusters=0)
