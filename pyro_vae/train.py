@@ -143,14 +143,14 @@ def fit(vae, data: RunData, objective, cfg: TrainConfig, log: Optional[Callable[
             vae.train()
             objective.on_epoch(epoch)
             try:
-                record = {"epoch": epoch,
-                          "train_objective": train_epoch(vae, objective, optimizer, data.train_x, cfg.batch_size, epoch)}
+                value = train_epoch(vae, objective, optimizer, data.train_x, cfg.batch_size, epoch)
             except TrainingDiverged as e:
                 if result.best_state:
                     vae.load_state_dict(result.best_state)
-                raise TrainingDiverged(f"{e}; training stopped, the best epoch so far is {result.best_epoch}; "
-                                       f"try a lower train.lr", result) from None
+                raise TrainingDiverged(f"{e}; training stopped, the best epoch so far ({result.best_epoch or 'none'}) "
+                                       f"is loaded; try a lower train.lr", result) from None
             vae.eval()
+            record = {"epoch": epoch, "train_objective": value}
             for name, x in (("train", data.train_eval_x), ("val", data.val_x)):
                 if len(x):
                     record.update({f"{name}_{k}": v for k, v in evaluate_elbo(vae, x, cfg.eval_batch_size).items()})
