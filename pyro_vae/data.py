@@ -92,7 +92,7 @@ def check_and_binarize(splits: Splits, likelihood, device: str | torch.device = 
     for what, x in (("train", splits.train_x), ("validation", splits.val_x), ("test", splits.test_x)):
         if len(x):  # no validation set when data.val_fraction is 0
             likelihood.check_data(x, f"{splits.name} {what} data")
-    fixed = (lambda x, seed: binarize_fixed(x, seed)) if likelihood.binarize else (lambda x, seed: x)  # noqa: E731
+    fixed = binarize_fixed if likelihood.binarize else (lambda x, seed: x)
     n = len(splits.train_x)
     # A fixed random subset: the training split may be sorted by label (mnist5k), so its head is not a sample.
     subset = torch.randperm(n, generator=torch.Generator().manual_seed(TRAIN_EVAL_BINARIZATION_SEED))
