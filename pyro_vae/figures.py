@@ -1,52 +1,64 @@
-"""The run's figures (PNG). matplotlib is imported here only, with the file-only Agg backend."""
+"""Figures (PNG): a run's training curves, images and latent space, and log p̂_K(x) against K.
+
+matplotlib is imported here only, lazily (the library core never needs it). Every figure is a
+``matplotlib.figure.Figure`` on the file-only Agg canvas (:func:`new_figure`, the one place a
+backend is chosen), not a pyplot figure: drawing one neither switches the process's pyplot
+backend nor adds to its open figures, so the functions are safe in scripts, servers and
+notebooks. :func:`save_figure` writes the PNG atomically. The drawing functions return the Figure.
+"""
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from .checkpoint import atomic_write_bytes
+from .metrics import mean_se
 
 
-def save_figure(fig, path: str) -> None:
-    # Write to a temporary name, then rename: a crash never leaves a truncated PNG.
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    _plt().close(fig)
+def new_figure(**kwargs):
+    """A matplotlib Figure drawn by the Agg canvas; ``kwargs`` go to ``Figure`` (figsize, ...)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def elbo_curves(history: List[Dict[str, float]], path: str) -> None:
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    """Write ``fig`` as a PNG to ``path`` atomically: rendered in memory, then written to a
+    temporary file that is renamed over ``path``, so a crash never leaves a truncated image."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def elbo_curves(history: List[Dict[str, float]], path: str):
     """Train and validation ELBO and its two terms per epoch."""
-    plt = _plt()
     epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, title in zip(axes, ("elbo", "log_lik", "kl"),
+    fig = new_figure(figsize=(13, 3.6))
+    for ax, key, title in zip(fig.subplots(1, 3), ("elbo", "log_lik", "kl"),
                               ("ELBO", "E_q[log p(x|z)]", "KL(q(z|x) || p(z))")):
         for split in ("train", "val"):
             values = [r.get(f"{split}_{key}") for r in history]
             if any(v is not None for v in values):
                 ax.plot(epochs, [np.nan if v is None else v for v in values], label=split)
         ax.set(title=title + " (nats per image)", xlabel="epoch")
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     save_figure(fig, path)
+    return fig
 
 
 def image_grid(rows: Sequence[np.ndarray], shape: Tuple[int, int], path: str,
-               row_titles: Sequence[str] = (), title: str = "") -> None:
+               row_titles: Sequence[str] = (), title: str = ""):
     """Rows of flattened images in [0, 1], one matplotlib row per entry of ``rows``."""
-    plt = _plt()
     n_rows, n_cols = len(rows), len(rows[0])
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * 0.9, n_rows * 0.95), squeeze=False)
+    fig = new_figure(figsize=(n_cols * 0.9, n_rows * 0.95))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for r, images in enumerate(rows):
         for c, image in enumerate(images):
             ax = axes[r][c]
@@ -58,12 +70,12 @@ def image_grid(rows: Sequence[np.ndarray], shape: Tuple[int, int], path: str,
     if title:
         fig.suptitle(title)
     save_figure(fig, path)
+    return fig
 
 
-def latent_space(z: np.ndarray, labels: np.ndarray, path: str) -> None:
+def latent_space(z: np.ndarray, labels: np.ndarray, path: str):
     """Guide means coloured by label; projected on the first two principal components when the
     latent has more than two dimensions."""
-    plt = _plt()
     z = np.asarray(z, dtype=np.float64)
     xlabel, ylabel = "z1", "z2"
     if z.shape[1] > 2:
@@ -74,8 +86,45 @@ def latent_space(z: np.ndarray, labels: np.ndarray, path: str) -> None:
         xlabel, ylabel = (f"PC{i + 1} ({100 * e:.0f}% var.)" for i, e in enumerate(explained))
     elif z.shape[1] == 1:
         z = np.concatenate([z, np.zeros_like(z)], 1)
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig = new_figure(figsize=(5.5, 4.5))
+    ax = fig.subplots()
     points = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", s=6, vmin=-0.5, vmax=9.5)
     fig.colorbar(points, ax=ax, ticks=range(10), label="label")
     ax.set(xlabel=xlabel, ylabel=ylabel, title="test set: mean of q(z|x)")
     save_figure(fig, path)
+    return fig
+
+
+def plot_log_px_vs_k(results, exact: float | None = None, ax=None, title: str | None = None):
+    """Draw the dataset mean of log p̂_K(x) against K (log axis), ±1 standard error over data points.
+
+    E[log p̂_K] is a lower bound that rises with K toward log p(x) (K = 1: the ELBO). Each curve is
+    computed from the first K particles of one estimate (``LogPxEstimate.log_px_by_k``).
+
+    :param results: a :class:`pyro_vae.marginal.LogPxEstimate`, or a dict {label: LogPxEstimate}
+        (e.g. ``{"guide": ..., "prior": ...}`` to show the naive estimator's failure).
+    :param exact: the true mean log p(x), drawn as a horizontal line when known.
+    :param ax: matplotlib axes to draw into; a new figure when None.
+    :returns: the matplotlib Figure.
+    """
+    if not isinstance(results, dict):
+        results = {results.method: results}
+    if ax is None:
+        ax = new_figure(figsize=(5, 3.5)).subplots()
+    for label, result in results.items():
+        if not result.log_px_by_k:
+            raise ValueError(f"result {label!r} has no log_px_by_k (method={result.method!r}); "
+                             f"plot an importance-sampling estimate, or pass the exact value as exact=")
+        ks = sorted(result.log_px_by_k)
+        stats = [mean_se(result.log_px_by_k[k]) for k in ks]
+        ax.errorbar(ks, [s["mean"] for s in stats], yerr=[s["se"] for s in stats], marker="o", capsize=3,
+                    label=f"{label} (K ≤ {result.num_samples})")
+    if exact is not None:
+        ax.axhline(exact, color="k", linestyle="--", linewidth=1, label="exact log p(x)")
+    ax.set_xscale("log")
+    ax.set_xlabel("number of samples K")
+    ax.set_ylabel("mean log p̂_K(x)  [nats]")
+    ax.set_title(title or "importance-weighted log p(x) estimate vs K")
+    ax.legend(fontsize="small")
+    ax.figure.tight_layout()
+    return ax.figure

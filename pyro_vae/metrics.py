@@ -1,5 +1,6 @@
-"""Per-epoch metrics: a JSON-lines file (machine-readable, rewritten atomically each epoch so it
-is never half-written) and TensorBoard scalars under the same names."""
+"""The numbers a run reports: per-epoch metrics (:class:`MetricsLog`: a JSON-lines file, rewritten
+atomically each epoch so it is never half-written, and TensorBoard scalars under the same names)
+and the mean ± standard error of a set of values (:func:`mean_se`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,21 @@ import math
 import os
 from typing import Dict, List
 
+import torch
+
 from .checkpoint import atomic_write_text
+
+
+def mean_se(values) -> Dict[str, float]:
+    """Mean of ``values`` (test points, seeds, ...) and its standard error sd / sqrt(N), with the
+    sample standard deviation (N - 1 in the denominator); the SE is NaN for fewer than 2 values.
+
+    :param values: a tensor or a sequence of numbers, N >= 1 of them.
+    """
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    n = len(values)
+    se = (values.std() / math.sqrt(n)).item() if n > 1 else math.nan
+    return {"mean": values.mean().item(), "se": se}
 
 
 class MetricsLog:

@@ -52,6 +52,7 @@ def train_briefly(vae, objective, x, steps=3):
     return loss
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("prior,guide,likelihood", list(itertools.product(
     PRIORS.names(), GUIDES.names(), LIKELIHOODS.names())))
 def test_every_combination_trains_and_ends_finite(digits, prior, guide, likelihood):
@@ -65,6 +66,7 @@ def test_every_combination_trains_and_ends_finite(digits, prior, guide, likeliho
     assert torch.isfinite(vae.sample(2)).all() and torch.isfinite(vae.reconstruct(x[:2])).all()
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("prior,guide", list(itertools.product(PRIORS.names(), GUIDES.names())))
 @pytest.mark.parametrize("objective", [{"name": "mean_field"}, {"name": "iwae", "num_particles": 3, "estimator": "dreg"}])
 def test_every_prior_and_guide_trains_with_each_objective(digits, prior, guide, objective):

@@ -1,5 +1,5 @@
-"""Dataset protocols (pyro_vae/data.py): split sizes, balanced labels, disjoint splits, fixed test
-binarization, and real IDX loading from small files written here."""
+"""Dataset protocols (pyro_vae/data.py): split sizes, balanced labels, disjoint splits, the fixed
+binarization of the evaluation sets, and real IDX loading from small files written here."""
 
 import gzip
 import struct
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_vae.data import binarize_fixed, load_dataset, read_idx, validation_mask
+from pyro_vae.data import Splits, binarize_fixed, check_and_binarize, load_dataset, read_idx, validation_mask
+from pyro_vae.likelihoods import BernoulliLikelihood, GaussianLikelihood
 
 
 def _rows(x):
@@ -55,6 +56,38 @@ def test_test_set_binarization_follows_the_protocol():
     expected = torch.bernoulli(s.test_x, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(binarize_fixed(s.test_x, 0), expected)
     assert set(expected.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_check_and_binarize_makes_the_fixed_evaluation_sets():
+    s = load_dataset("digits")
+    data = check_and_binarize(s, BernoulliLikelihood(64, 2))
+    fixed = lambda x, seed: torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    torch.testing.assert_close(data.test_x, fixed(s.test_x, 0), rtol=0, atol=0)
+    torch.testing.assert_close(data.val_x, fixed(s.val_x, 1), rtol=0, atol=0)
+    subset = torch.randperm(len(s.train_x), generator=torch.Generator().manual_seed(2))[:500]
+    torch.testing.assert_close(data.train_eval_x, fixed(s.train_x[subset], 2), rtol=0, atol=0)
+    assert data.train_x is s.train_x and data.splits is s  # training batches are binarized afresh
+    assert len(set(s.train_y[subset].tolist())) == 10  # a random subset, not the head of the split
+    grey = check_and_binarize(s, GaussianLikelihood(64, 2))  # a likelihood of grey values: nothing binarized
+    assert grey.test_x is s.test_x and grey.val_x is s.val_x and torch.equal(grey.train_eval_x, s.train_x[subset])
+
+
+@pytest.mark.parametrize("split, what", [("train_x", "train"), ("val_x", "validation"), ("test_x", "test")])
+def test_check_and_binarize_names_the_bad_split(split, what):
+    s = load_dataset("digits")
+    x = getattr(s, split).clone()
+    x[0, 0] = 2.0
+    with pytest.raises(ValueError, match=f"^digits {what} data lies in \\[0, 2\\] but the bernoulli likelihood"):
+        check_and_binarize(Splits(**{**s.__dict__, split: x}), BernoulliLikelihood(64, 2))
+
+
+def test_no_validation_set():
+    s = load_dataset("digits", val_fraction=0.0)
+    assert len(s.val_x) == 0 and len(s.train_x) == 1438
+    data = check_and_binarize(s, BernoulliLikelihood(64, 2))
+    assert data.val_x.shape == (0, 64) and len(data.train_eval_x) == 500
+    with pytest.raises(ValueError, match=r"data.val_fraction must lie in \[0, 1\), got 1"):
+        load_dataset("digits", val_fraction=1)
 
 
 def test_unknown_dataset_lists_the_choices():

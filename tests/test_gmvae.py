@@ -16,7 +16,7 @@ from pyro import poutine
 from pyro.infer import SVI, TraceEnum_ELBO
 
 from pyro_vae import build_model, estimate_log_px
-from pyro_vae.data import VAL_BINARIZATION_SEED, Splits, binarize_fixed, load_dataset
+from pyro_vae.data import VAL_BINARIZATION_SEED, Splits, binarize_fixed, check_and_binarize, load_dataset
 from pyro_vae.experiment import load_run
 from pyro_vae.gmvae import GMVAE, cluster_accuracy
 from pyro_vae.likelihoods import CategoricalLikelihood, GaussianLikelihood
@@ -224,11 +224,11 @@ def test_short_fit_on_digits_raises_the_validation_elbo(tmp_path):
         return torch.sub(*g.elbo_terms(val_x)).reshape(20, -1).mean(0)
 
     before = val_elbo()
-    result = fit(g, splits, TraceEnum_ELBO(max_plate_nesting=1), TrainConfig(epochs=5, batch_size=60, lr=3e-3),
-                 str(tmp_path), progress=False)
+    result = fit(g, check_and_binarize(splits, g.likelihood), TraceEnum_ELBO(max_plate_nesting=1),
+                 TrainConfig(epochs=5, batch_size=60, lr=3e-3), progress=False)
     gain = val_elbo() - before
     assert gain.mean() > 4 * gain.std() / math.sqrt(len(gain)), (gain.mean(), gain.std())
-    assert result.best_val_elbo == max(r["val_elbo"] for r in result.history)
+    assert result.best_score == max(r["val_elbo"] for r in result.history)
     # the default init (all p(z|c) at N(0, I), distinct q(z|x,c) branches) does not collapse q(c|x)
     # onto one cluster in the first epochs, as random cluster means did on mnist5k
     assert g.predict_cluster(binarize_fixed(splits.test_x, 0)).unique().numel() > 1
@@ -268,8 +268,7 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     bad = Splits("toy", (2, 3), x.float(), torch.zeros(5, dtype=torch.long), x.float(),
                  torch.zeros(5, dtype=torch.long), x.float(), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="NaN") as e:
-        fit(build_model(config(), D), bad, TraceEnum_ELBO(max_plate_nesting=1), TrainConfig(epochs=1),
-            str(tmp_path), progress=False)
+        check_and_binarize(bad, build_model(config(), D).likelihood)
     assert _one_line(e)
     for cfg, message in [
         (config(num_clusters=0), "model.num_clusters must be an integer >= 1, got 0"),

@@ -377,23 +377,6 @@ def test_bad_input_gives_one_line_errors(lg, bad, error, match):
     assert "\n" not in str(info.value)
 
 
-# ---------------------------------------------------------------- packaging
-
-def test_core_imports_no_plotting_and_plot_draws(lg, tmp_path):
-    code = ("import sys; from pyro_vae.marginal import estimate_log_px; "
-            "import pyro_vae.exact.linear_gaussian; assert 'matplotlib' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True)
-    import matplotlib
-    matplotlib.use("Agg")
-    from pyro_vae.plots_log_px import plot_log_px_vs_k
-    x = lg.sample(20)
-    results = {"guide": estimate(lg.model, LinearGaussianGuide.perturbed(lg).guide, x, 100),
-               "prior": estimate(lg.model, None, x, 100, method="prior", warn=False)}
-    fig = plot_log_px_vs_k(results, exact=lg.log_px(x).mean().item())
-    fig.savefig(tmp_path / "log_px.png")
-    assert (tmp_path / "log_px.png").stat().st_size > 0
-
-
 # ---------------------------------------------------------------- the library's VAE
 
 def test_vae_matches_direct_importance_sampling_and_ignores_num_data():

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_vae import build_model, load_dataset
+from pyro_vae import build_model, check_and_binarize, load_dataset
 from pyro_vae.train import train_epoch
 
 ARCHITECTURES = {"784-200-200-50 (reference)": [200, 200], "784-400-50": [400]}
@@ -54,11 +54,12 @@ def main():
     parser.add_argument("--batch-size", type=int, default=100)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    train_x = load_dataset("mnist5k").train_x
+    splits = load_dataset("mnist5k")
     rows = []
     for arch, hidden in ARCHITECTURES.items():
         torch.manual_seed(0)
         vae = build_model(config(hidden), 784)
+        train_x = check_and_binarize(splits, vae.likelihood).train_x  # as pyro_vae.experiment.train_run
         lib_opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
         # The hand-written loop gets its own copies of the same networks.
         ref = build_model(config(hidden), 784)

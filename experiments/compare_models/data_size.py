@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 import run  # noqa: E402
 from pyro_vae import build_objective, build_model, load_dataset  # noqa: E402
-from pyro_vae.checkpoint import atomic_write_json  # noqa: E402
-from pyro_vae.data import TEST_BINARIZATION_SEED, binarize_fixed  # noqa: E402
-from pyro_vae.experiment import mean_se  # noqa: E402
+from pyro_vae.checkpoint import atomic_write_json, save_checkpoint  # noqa: E402
+from pyro_vae.data import check_and_binarize  # noqa: E402
+from pyro_vae.metrics import mean_se  # noqa: E402
 from pyro_vae.train import TrainConfig, evaluate_elbo, fit  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(run.RUNS), "compare_models_data_size")
@@ -39,9 +39,8 @@ ROOT = os.path.join(os.path.dirname(run.RUNS), "compare_models_data_size")
 
 def train(variant, sizes, seeds):
     conf = run.load_config()
-    data, train_cfg = conf["base"]["data"], conf["base"]["train"]
-    full = load_dataset(data["name"], data["path"], train_cfg["val_fraction"])
-    num_full, budget = len(full.train_x), train_cfg["epochs"]
+    full = load_dataset(**conf["base"]["data"])
+    num_full, budget = len(full.train_x), conf["base"]["train"]["epochs"]
     if not all(1 <= n <= num_full for n in sizes):
         raise SystemExit(f"--sizes must lie in 1..{num_full}, got {sizes}")
     for n in sizes:
@@ -53,17 +52,19 @@ def train(variant, sizes, seeds):
             os.makedirs(run_dir, exist_ok=True)
             torch.manual_seed(seed)
             vae, objective = build_model(cfg, splits.data_dim), build_objective(cfg)
-            train_cfg = TrainConfig(**{k: v for k, v in cfg["train"].items() if k != "val_fraction"})
+            data = check_and_binarize(splits, vae.likelihood)
+            train_cfg = TrainConfig(**cfg["train"])
             start = time.perf_counter()
-            result = fit(vae, splits, objective, train_cfg, run_dir, seed=seed, progress=True,
-                         checkpoint_meta={"config": cfg, "train_size": n})
+            torch.manual_seed(seed)
+            result = fit(vae, data, objective, train_cfg, progress=True, on_best=lambda r: save_checkpoint(
+                os.path.join(run_dir, "checkpoint.pt"), r.best_state, config=cfg, train_size=n, epoch=r.best_epoch))
             vae.eval()
             torch.manual_seed(seed)
-            test = evaluate_elbo(vae, binarize_fixed(splits.test_x, TEST_BINARIZATION_SEED))
+            test = evaluate_elbo(vae, data.test_x)
             best = result.history[result.best_epoch - 1]
             out = {"variant": variant, "train_size": n, "seed": seed, "epochs_budget": train_cfg.epochs,
                    "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                   "best_val_elbo": result.best_val_elbo, "train_elbo_at_best": best["train_elbo"],
+                   "best_val_elbo": best["val_elbo"], "train_elbo_at_best": best["train_elbo"],
                    "val_kl_at_best": best["val_kl"], "train_kl_at_best": best["train_kl"],
                    "test_elbo": test["elbo"], "test_kl": test["kl"],
                    "train_seconds": round(time.perf_counter() - start, 1)}
@@ -95,10 +96,10 @@ def table():
 
 def plot(rows):
     """Test ELBO against the number of training images, mean ± SE over seeds: data_size.png here."""
-    from pyro_vae.figures import _plt, save_figure
+    from pyro_vae.figures import new_figure, save_figure
 
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = new_figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     for variant in sorted({v for v, _ in rows}):
         sizes = sorted(n for v, n in rows if v == variant)
         stats = [mean_se(torch.tensor([r["test_elbo"] for r in rows[(variant, n)]])) for n in sizes]

@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 from pyro_vae import build_objective, build_model, estimate_log_px  # noqa: E402
-from pyro_vae.data import TEST_BINARIZATION_SEED, VAL_BINARIZATION_SEED, binarize_fixed  # noqa: E402
+from pyro_vae.data import check_and_binarize  # noqa: E402
 from pyro_vae.experiment import load_run  # noqa: E402
 from pyro_vae.train import train_epoch  # noqa: E402
 
@@ -79,8 +79,8 @@ def main():
     torch.set_num_threads(1)
     diagonal, cfg, splits = load_run(args.run)
     full = full_from_diagonal(diagonal, cfg, splits.data_dim, args.off_diagonal_scale)
-    test_x = binarize_fixed(splits.test_x, TEST_BINARIZATION_SEED)
-    val_x = binarize_fixed(splits.val_x, VAL_BINARIZATION_SEED)
+    data = check_and_binarize(splits, diagonal.likelihood)
+    test_x, val_x = data.test_x, data.val_x
     torch.manual_seed(args.seed)
     start = {"diagonal": test_elbo(diagonal, test_x), "full": test_elbo(full, test_x)}
     print(f"start: test ELBO diagonal {start['diagonal']:.3f}, full {start['full']:.3f} (equal by construction)")
@@ -96,7 +96,7 @@ def main():
         curve = []
         with pyro.validation_enabled(False), vae.without_param_store():
             for epoch in range(1, args.epochs + 1):
-                train_epoch(vae, objective, optimizer, splits.train_x, int(cfg["train"]["batch_size"]), epoch)
+                train_epoch(vae, objective, optimizer, data.train_x, int(cfg["train"]["batch_size"]), epoch)
                 curve.append(test_elbo(vae, val_x))
             est = estimate_log_px(vae.model, vae.guide, test_x, args.num_samples, seed=args.seed,
                                   progress=False, warn=False)

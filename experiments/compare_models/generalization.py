@@ -35,8 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 from run import RUNS  # noqa: E402  (compare_models/run.py)
 from pyro_vae.checkpoint import atomic_write_json  # noqa: E402
-from pyro_vae.data import TEST_BINARIZATION_SEED, TRAIN_EVAL_BINARIZATION_SEED, binarize_fixed  # noqa: E402
-from pyro_vae.experiment import load_run, mean_se  # noqa: E402
+from pyro_vae.data import TRAIN_EVAL_BINARIZATION_SEED, binarize_fixed, check_and_binarize  # noqa: E402
+from pyro_vae.experiment import load_run  # noqa: E402
+from pyro_vae.metrics import mean_se  # noqa: E402
 from pyro_vae.marginal import estimate_log_px  # noqa: E402
 from pyro_vae.train import evaluate_elbo  # noqa: E402
 
@@ -59,8 +60,11 @@ def subset(x, n):
 
 def measure(run_dir, n, num_samples):
     vae, cfg, splits = load_run(run_dir)
-    sets = {"train": subset(binarize_fixed(splits.train_x, TRAIN_EVAL_BINARIZATION_SEED), n),
-            "test": subset(binarize_fixed(splits.test_x, TEST_BINARIZATION_SEED), n)}
+    data = check_and_binarize(splits, vae.likelihood)
+    # n training images in one binarization of the whole training split (not the trainer's
+    # 500-image subset: n is up to 1000 here), with the seed of the trainer's training subset.
+    sets = {"train": subset(binarize_fixed(data.train_x, TRAIN_EVAL_BINARIZATION_SEED), n),
+            "test": subset(data.test_x, n)}
     result = {"n": n, "num_samples": num_samples}
     for name, x in sets.items():
         torch.manual_seed(int(cfg["seed"]))

@@ -29,8 +29,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 from pyro_vae.checkpoint import atomic_write_json  # noqa: E402
-from pyro_vae.data import VAL_BINARIZATION_SEED, binarize_fixed  # noqa: E402
-from pyro_vae.experiment import load_run, mean_se  # noqa: E402
+from pyro_vae.data import binarize_fixed, check_and_binarize  # noqa: E402
+from pyro_vae.experiment import load_run  # noqa: E402
+from pyro_vae.metrics import mean_se  # noqa: E402
 from pyro_vae.priors import DiagonalNormalMixture  # noqa: E402
 
 
@@ -52,8 +53,9 @@ def main():
     if cfg["prior"]["name"] != "standard_normal" or cfg["guide"]["name"] != "diagonal_normal":
         raise SystemExit("prior_swap needs a run with the standard normal prior and the diagonal guide")
     torch.manual_seed(args.seed)
-    train_x = binarize_fixed(splits.train_x, args.seed + 1)
-    val_x = binarize_fixed(splits.val_x, VAL_BINARIZATION_SEED)
+    data = check_and_binarize(splits, vae.likelihood)
+    val_x = data.val_x
+    train_x = binarize_fixed(data.train_x, args.seed + 1)  # all training images, one binarization of its own
     # A random order of the training images, so the first n cover every label.
     train_x = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))]
     rows = []

@@ -47,7 +47,7 @@ def time_variants(conf, steps=5):
     """Seconds per training epoch: `steps` minibatch steps, scaled to one epoch."""
     from pyro_vae import build_objective, build_model, load_dataset
 
-    splits = load_dataset("mnist5k", None, 0.1)
+    splits = load_dataset(**conf["base"]["data"])
     n, batch = len(splits.train_x), conf["base"]["train"]["batch_size"]
     for variant in conf["variants"]:
         cfg = variant_config(conf, variant, 0)
@@ -86,7 +86,7 @@ def train(conf, variant, seeds, epochs, num_samples):
 
 def table(conf, root=RUNS, out="results"):
     from pyro_vae.checkpoint import atomic_write_text
-    from pyro_vae.experiment import mean_se
+    from pyro_vae.metrics import mean_se
 
     rows = []
     for variant in conf["variants"]:
@@ -103,7 +103,7 @@ def table(conf, root=RUNS, out="results"):
             continue
         elbo = torch.tensor([s["test_elbo"] for _, s, _ in runs], dtype=torch.float64)
         log_px = torch.tensor([e["log_px"]["mean"] for _, _, e in runs], dtype=torch.float64)
-        se = (lambda v: mean_se(v)["se"] if len(v) > 1 else float("nan"))  # noqa: E731  (one seed: no SE)
+        se = (lambda v: mean_se(v)["se"])  # noqa: E731  (NaN for one seed)
         rows.append({
             "variant": variant, "seeds": len(runs),
             "test_elbo": round(elbo.mean().item(), 2), "test_elbo_se": round(se(elbo), 2),

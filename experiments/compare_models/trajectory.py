@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 import run  # noqa: E402
 from pyro_vae import build_objective, build_model, load_dataset  # noqa: E402
-from pyro_vae.data import VAL_BINARIZATION_SEED, binarize_fixed  # noqa: E402
+from pyro_vae.data import check_and_binarize  # noqa: E402
 from pyro_vae.checkpoint import atomic_write_json  # noqa: E402
 from pyro_vae.train import train_epoch  # noqa: E402
 
@@ -59,18 +59,19 @@ def main():
         key, value = item.split("=", 1)
         section, option = key.split(".", 1)
         cfg[section][option] = yaml.safe_load(value)
-    splits = load_dataset(cfg["data"]["name"], cfg["data"]["path"], cfg["train"]["val_fraction"])
+    splits = load_dataset(**cfg["data"])
     torch.manual_seed(args.seed)
     vae, objective = build_model(cfg, splits.data_dim), build_objective(cfg)
     if args.torch_default_init:
         torch_default_init(vae)
     optimizer = torch.optim.Adam(vae.parameters(), lr=cfg["train"]["lr"])
-    val_x = binarize_fixed(splits.val_x, VAL_BINARIZATION_SEED)
+    data = check_and_binarize(splits, vae.likelihood)
+    val_x = data.val_x
     history = []
     with pyro.validation_enabled(False), vae.without_param_store():
         for epoch in tqdm(range(1, args.epochs + 1), desc=args.variant, unit="epoch"):
             objective.on_epoch(epoch)
-            train_epoch(vae, objective, optimizer, splits.train_x, cfg["train"]["batch_size"], epoch)
+            train_epoch(vae, objective, optimizer, data.train_x, cfg["train"]["batch_size"], epoch)
             with torch.no_grad():
                 log_lik, kl = vae.elbo_terms(val_x)
                 spread = vae.encode(val_x).std(0).mean().item()

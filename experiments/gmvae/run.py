@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import tempfile
 import time
 
 import matplotlib
@@ -32,8 +31,8 @@ from pyro.infer import TraceEnum_ELBO
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pyro_vae import build_model, estimate_log_px, load_dataset  # noqa: E402
-from pyro_vae.data import TEST_BINARIZATION_SEED, binarize_fixed  # noqa: E402
+from pyro_vae import build_model, estimate_log_px  # noqa: E402
+from pyro_vae.data import binarize_fixed, check_and_binarize  # noqa: E402
 from pyro_vae.gmvae import cluster_accuracy  # noqa: E402
 from pyro_vae.train import TrainConfig, evaluate_elbo, fit  # noqa: E402
 
@@ -75,6 +74,7 @@ def run_dataset(name, key, cfg, args):
     splits = load_dataset(name)
     model = {"name": "gmvae", "num_clusters": cfg["num_clusters"], **dcfg["model"]}
     g = build_model({"model": model, "likelihood": cfg["likelihood"]}, splits.data_dim)
+    data = check_and_binarize(splits, g.likelihood)
     tcfg = TrainConfig(**{**dcfg["train"], **({"epochs": args.epochs} if args.epochs else {})})
     t0 = time.time()
     saved = os.path.join(args.checkpoint_dir, f"gmvae_{key}.pt") if args.checkpoint_dir else None
@@ -83,16 +83,16 @@ def run_dataset(name, key, cfg, args):
         g.load_state_dict(state["model"])
         result, train_s = state["fit"], state["train_seconds"]  # plain dicts and floats
     else:
-        with tempfile.TemporaryDirectory() as run_dir:
-            result = fit(g, splits, TraceEnum_ELBO(max_plate_nesting=1), tcfg, run_dir, seed=seed, progress=False,
-                         log=lambda r: print(name, {k: round(v, 2) for k, v in r.items()}, flush=True))
+        torch.manual_seed(seed)
+        result = fit(g, data, TraceEnum_ELBO(max_plate_nesting=1), tcfg, progress=False,
+                     log=lambda r: print(name, {k: round(v, 2) for k, v in r.items()}, flush=True))
         train_s = time.time() - t0
-        result = dataclasses.asdict(result)
+        result = {k: v for k, v in dataclasses.asdict(result).items() if k != "best_state"}
         if saved:
             os.makedirs(args.checkpoint_dir, exist_ok=True)
             torch.save({"model": g.state_dict(), "fit": result, "train_seconds": train_s}, saved)
     g.eval()
-    test_x = binarize_fixed(splits.test_x, TEST_BINARIZATION_SEED)
+    test_x = data.test_x
     torch.manual_seed(seed)
     test = evaluate_elbo(g, test_x)
     K = args.num_samples or cfg["eval_num_samples"]
@@ -105,7 +105,7 @@ def run_dataset(name, key, cfg, args):
     enum_sub = g.log_px_enumerated(sub, cc["num_samples"])
     samp_sub = estimate_log_px(g.model, g.guide, sub, num_samples=cc["num_samples"] * g.num_clusters,
                                seed=seed + 1, progress=False, warn=False).log_px
-    train_clusters = g.predict_cluster(binarize_fixed(splits.train_x, TEST_BINARIZATION_SEED))
+    train_clusters = g.predict_cluster(binarize_fixed(data.train_x, seed=0))  # all training images, binarized once
     test_clusters = g.predict_cluster(test_x)
     km = kmeans_accuracy(splits, cfg["num_clusters"], cfg["kmeans"]["n_init"], seed)
     samples_figure(g, splits, train_clusters, os.path.join(args.out, f"samples_{key}.png"))
@@ -113,7 +113,8 @@ def run_dataset(name, key, cfg, args):
         json.dump(result["history"], f)
     return {
         "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
-        "stopped_early": result["stopped_early"], "best_val_elbo": result["best_val_elbo"], "train_seconds": round(train_s, 1),
+        "stopped_early": result["stopped_early"], "train_seconds": round(train_s, 1),
+        "best_val_elbo": result["history"][result["best_epoch"] - 1]["val_elbo"],
         "test_elbo": test["elbo"], "test_log_lik": test["log_lik"], "test_kl": test["kl"],
         "test_log_px": est.log_px.mean().item(), "test_log_px_sem": est.summary()["log_px_sem"],
         "log_px_num_samples": K, "log_px_seconds": round(eval_s, 1),
