@@ -137,6 +137,11 @@ def train_run(cfg: Mapping[str, Any], run_dir: str, progress: bool = True) -> Di
     return summary
 
 
+def _finite_mean(values: torch.Tensor) -> Optional[float]:
+    finite = values[torch.isfinite(values)]
+    return finite.mean().item() if len(finite) else None
+
+
 def load_run(run_dir: str, device: str = "cpu"):
     """Rebuild the model of a trained run from its checkpoint: returns (vae, cfg, splits), the model
     in eval mode with the best epoch's parameters, the run's config and its data splits."""
@@ -165,7 +170,8 @@ def evaluate_run(run_dir: str, num_samples: int = 5000, progress: bool = True) -
               "log_px": log_px, "elbo": elbo_k, "gap": log_px["mean"] - elbo_k["mean"],
               "test_elbo": elbo["elbo"], "test_log_lik": elbo["log_lik"], "test_kl": elbo["kl"],
               "log_px_by_k": {str(k): mean_se(v) for k, v in estimate.log_px_by_k.items()},
-              "mean_mc_stderr": estimate.stderr.mean().item(), "median_ess": estimate.ess.median().item(),
+              # the Monte Carlo stderr exists only where k̂ <= 0.7 (pyro_vae.weights): its mean over those points
+              "mean_mc_stderr": _finite_mean(estimate.stderr), "median_ess": estimate.ess.median().item(),
               "fraction_pareto_k_above_0.7": estimate.fraction_pareto_k_above(0.7)}
     fig = figures.plot_log_px_vs_k(estimate, title=f"test log p(x) vs K ({os.path.basename(os.path.abspath(run_dir))})")
     figures.save_figure(fig, os.path.join(run_dir, "figures", "log_px_vs_k.png"))
