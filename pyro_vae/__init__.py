@@ -1,6 +1,7 @@
 """pyro-vae: variational autoencoders on Pyro, written the way the textbook derives them."""
 
-from .build import build_objective, build_model
+from .bdmc import BDMCResult, bdmc
+from .build import MODELS, build_model, build_objective
 from .data import check_and_binarize, load_dataset
 from .experiment import evaluate_run, load_run, train_run
 from .guides import GUIDES, Guide
@@ -14,5 +15,5 @@ from .vae import VAE
 __all__ = [
     "VAE", "estimate_log_px", "LogPxEstimate", "build_model", "build_objective", "load_dataset", "check_and_binarize",
     "fit", "TrainConfig", "train_run", "evaluate_run", "load_run",
-    "PRIORS", "GUIDES", "LIKELIHOODS", "OBJECTIVES", "Prior", "Guide", "Likelihood",
+    "PRIORS", "GUIDES", "LIKELIHOODS", "OBJECTIVES", "MODELS", "Prior", "Guide", "Likelihood", "bdmc", "BDMCResult",
 ]

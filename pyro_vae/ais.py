@@ -76,6 +76,15 @@ class AIS:
                 raise ValueError(f"schedule must be num_steps + 2 = {self.num_steps + 2} increasing values from 0 "
                                  f"to 1, got {betas.tolist()}")
 
+    @staticmethod
+    def check_latents(model_tr) -> None:
+        """A one-line ``ValueError`` if a latent of the model trace is discrete: HMC cannot move it."""
+        for name, site in model_tr.nodes.items():
+            if traces.site_kind(site) == "latent" and site["fn"].support.is_discrete:
+                raise ValueError(f"AIS needs continuous latents, but site {name!r} ({type(site['fn']).__name__}) is "
+                                 f"discrete; sum it out of the model (enumerate it) or use method='guide' (importance "
+                                 f"sampling)")
+
     def betas(self) -> torch.Tensor:
         """β_0, …, β_{T+1} (float64): the schedule given, or the sigmoidal one of Wu et al. (2017),
         β̃_t = σ(δ (2t / (T+1) − 1)) with δ = 4, rescaled to run from 0 to 1."""
@@ -143,11 +152,7 @@ class _Target:
         self.layout, self.M, self.indices = layout, M, indices
         guide_tr, model_tr = traces.trace_pair(model, proposal, args, kwargs, layout, M, indices=indices, values=initial)
         self.sites = {name: site for name, site in model_tr.nodes.items() if traces.site_kind(site) == "latent"}
-        for name, site in self.sites.items():
-            if site["fn"].support.is_discrete:
-                raise ValueError(f"AIS needs continuous latents, but site {name!r} ({type(site['fn']).__name__}) is "
-                                 f"discrete; sum it out of the model (enumerate it) or use method='guide' (importance "
-                                 f"sampling)")
+        AIS.check_latents(model_tr)
         self.transforms = {name: biject_to(site["fn"].support) for name, site in self.sites.items()}
         # Every site's batch shape spans the particle plate and all plates inside it, so the data
         # plate sits at one axis of every value: (M, …, n, …, event).

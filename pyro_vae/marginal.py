@@ -108,7 +108,7 @@ def estimate_log_px(model, guide, x: torch.Tensor, num_samples: int = 1000, *, m
     with torch.no_grad(), traces.preserve_rng() if seed is not None else nullcontext():
         if seed is not None:
             torch.manual_seed(seed)
-        layout = _inspect(model, proposal, x[:batching.max_batch], data_plate, args, kwargs)
+        layout = _inspect(model, proposal, x[:batching.max_batch], data_plate, args, kwargs, options)
         if is_validation_enabled():
             _validate(model, proposal, x, layout, batching.max_batch, args, kwargs)
         # Every row was checked by _validate; Pyro's per-call argument and support checks would cost a
@@ -192,13 +192,16 @@ def _log_weights(model, proposal, x, layout, num_particles, vectorize, indices, 
     return log_w
 
 
-def _inspect(model, proposal, x0, data_plate, args, kwargs) -> traces.Layout:
+def _inspect(model, proposal, x0, data_plate, args, kwargs, ais=None) -> traces.Layout:
     try:
         guide_tr, model_tr = traces.dry_run(model, proposal, (x0, *args), kwargs)
     except (ValueError, RuntimeError, IndexError, TypeError) as e:
         raise ValueError(f"model/guide failed on x of shape {tuple(x0.shape)} ({_one_line(e)}); check that x "
                          f"has the shape the model expects, one row per data point") from e
-    return traces.layout(guide_tr, model_tr, data_plate, num_rows=x0.shape[0])
+    layout = traces.layout(guide_tr, model_tr, data_plate, num_rows=x0.shape[0])
+    if ais is not None:
+        ais.check_latents(model_tr)
+    return layout
 
 
 def _validate(model, proposal, x, layout, max_batch, args, kwargs) -> None:
