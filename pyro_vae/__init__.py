@@ -3,7 +3,8 @@
 from .bdmc import BDMCResult, bdmc
 from .build import MODELS, build_model, build_objective
 from .data import check_and_binarize, load_dataset
-from .experiment import evaluate_run, load_run, train_run
+from .evaluation import evaluate_run, load_run
+from .experiment import train_run
 from .guides import GUIDES, Guide
 from .likelihoods import LIKELIHOODS, Likelihood
 from .marginal import LogPxEstimate, estimate_log_px

@@ -105,3 +105,11 @@ class LatentVariableModel(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """E[x | z] at z = :meth:`encode` (x), shape (N, D)."""
         return self.likelihood.mean(self.encode(x))
+
+    def extra_summary(self, data) -> dict:
+        """Numbers of this model's own for a run's summary.json (default none), given the run's
+        :class:`pyro_vae.data.RunData`."""
+        return {}
+
+    def extra_figures(self, data, out_dir: str) -> None:
+        """Figures of this model's own, written into ``out_dir`` beside the run's figures (default none)."""

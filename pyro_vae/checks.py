@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from typing import Any, Dict, Mapping
 
 
 def positive_int(value, key: str, minimum: int = 1) -> int:
@@ -16,3 +17,12 @@ def positive_int(value, key: str, minimum: int = 1) -> int:
     if not ok or int(value) < minimum:
         raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def config_section(cfg: Mapping[str, Any], name: str, keys) -> Dict[str, Any]:
+    """The config section ``name`` as a dict; a key it does not take is a one-line ValueError."""
+    section = dict(cfg[name])
+    unknown = sorted(set(section) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown key {name}.{unknown[0]}; the {name} section takes: {', '.join(keys)}")
+    return section

@@ -71,7 +71,7 @@ def _train(argv) -> None:
 
 
 def _evaluate(argv) -> None:
-    from .experiment import evaluate_run
+    from .evaluation import evaluate_run
 
     parser = argparse.ArgumentParser(prog="pyro-vae evaluate", description="estimate test log p(x) of a run")
     parser.add_argument("run_dir")

@@ -29,6 +29,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from .checks import config_section
+
 TEST_BINARIZATION_SEED = 0
 VAL_BINARIZATION_SEED = 1
 TRAIN_EVAL_BINARIZATION_SEED = 2  # the training subset that training's metrics evaluate
@@ -204,3 +206,8 @@ def load_dataset(name: str, path: Optional[str] = None, val_fraction: float = 0.
     ty = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
     return Splits(name, shape, tx(train_x[~val]), ty(train_y[~val]), tx(train_x[val]), ty(train_y[val]),
                   tx(test_x), ty(test_y))
+
+
+def load_splits(cfg) -> Splits:
+    """The splits a run's config names: ``load_dataset(**cfg["data"])``, an unknown key a one-line error."""
+    return load_dataset(**config_section(cfg, "data", ("name", "path", "val_fraction")))

@@ -1,7 +1,9 @@
 """One training run and one evaluation, from a plain config mapping to files in a run directory.
 
     train_run(cfg, run_dir)        -> metrics.jsonl, tensorboard/, figures/, checkpoint.pt, summary.json
-    evaluate_run(run_dir, K)       -> evaluation.json and figures/log_px_vs_k.png, no retraining
+    load_run(run_dir)              -> (model, cfg, splits) of a trained run
+
+(``pyro_vae.evaluation.evaluate_run`` evaluates a trained run again, without retraining.)
 
 A run flows one way: config -> data (loaded, checked, evaluation sets binarized) -> model ->
 training -> evaluation -> figures and summary. Each phase draws its random numbers from torch's
@@ -31,46 +33,17 @@ import torch
 from . import figures
 from .build import build_objective, build_model
 from .checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
-from .checks import positive_int
-from .data import RunData, Splits, check_and_binarize, load_dataset
-from .marginal import estimate_log_px
+from .checks import config_section, positive_int
+from .data import RunData, check_and_binarize, load_splits
+from .evaluation import evaluate
 from .metrics import MetricsLog, mean_se
 from .train import TrainConfig, TrainingDiverged, evaluate_elbo, fit
-
-
-def _section(cfg: Mapping[str, Any], name: str, keys) -> Dict[str, Any]:
-    """The config section ``name`` as a dict; a key it does not take is a one-line ValueError."""
-    section = dict(cfg[name])
-    unknown = sorted(set(section) - set(keys))
-    if unknown:
-        raise ValueError(f"unknown key {name}.{unknown[0]}; the {name} section takes: {', '.join(keys)}")
-    return section
-
-
-def _load_splits(cfg: Mapping[str, Any]) -> Splits:
-    return load_dataset(**_section(cfg, "data", ("name", "path", "val_fraction")))
 
 
 def _num_samples(cfg: Mapping[str, Any]) -> Optional[int]:
     """``eval.num_samples``: K for the test log p(x), or None (``null``) to skip it."""
     k = cfg["eval"]["num_samples"]
     return None if k is None else positive_int(k, "eval.num_samples")
-
-
-def evaluate(vae, test_x: torch.Tensor, num_samples: Optional[int], seed: int, progress: bool = True):
-    """The evaluation phase: under ``torch.manual_seed(seed)``, the test ELBO and its two terms (one
-    z ~ q(z|x) per image), then, unless ``num_samples`` is None, log p(x) per image by importance
-    sampling with K = ``num_samples``, with log p̂_K' for K' = 1, 10, 100, 1000, 5000 <= K from
-    prefixes of the same particles. Returns (ELBO terms dict, ``LogPxEstimate`` or None)."""
-    torch.manual_seed(seed)
-    elbo = evaluate_elbo(vae, test_x)
-    if num_samples is None:
-        return elbo, None
-    prefixes = [k for k in (1, 10, 100, 1000, 5000) if k <= num_samples] + [num_samples]
-    with vae.without_param_store():  # the module owns its weights; registering them costs ~1 ms a pass
-        estimate = estimate_log_px(vae.model, vae.guide, test_x, num_samples=num_samples, prefix_sizes=prefixes,
-                                   progress=progress)
-    return elbo, estimate
 
 
 def make_figures(vae, data: RunData, history, run_dir: str) -> None:
@@ -87,6 +60,7 @@ def make_figures(vae, data: RunData, history, run_dir: str) -> None:
                        os.path.join(out, "prior_samples.png"), title="E[x|z], z ~ p(z)")
     figures.latent_space(vae.encode(data.test_x).cpu().numpy(), splits.test_y.numpy(),
                          os.path.join(out, "latent_space.png"))
+    vae.extra_figures(data, out)  # a model's own figures (e.g. the GMVAE's samples per cluster)
 
 
 def train_run(cfg: Mapping[str, Any], run_dir: str, progress: bool = True) -> Dict[str, Any]:
@@ -95,9 +69,9 @@ def train_run(cfg: Mapping[str, Any], run_dir: str, progress: bool = True) -> Di
     checkpoint.pt holds the best epoch's parameters with ``config`` (``cfg``), ``epoch`` and that
     epoch's ``metrics`` record; it is rewritten each time the selection score improves."""
     seed, device = int(cfg["seed"]), cfg.get("device", "cpu")
-    train_cfg = TrainConfig(**_section(cfg, "train", [f.name for f in dataclasses.fields(TrainConfig)]))
+    train_cfg = TrainConfig(**config_section(cfg, "train", [f.name for f in dataclasses.fields(TrainConfig)]))
     num_samples = _num_samples(cfg)
-    splits = _load_splits(cfg)
+    splits = load_splits(cfg)
     torch.manual_seed(seed)  # initialization
     vae = build_model(cfg, splits.data_dim).to(device)
     objective = build_objective(cfg)
@@ -131,49 +105,8 @@ def train_run(cfg: Mapping[str, Any], run_dir: str, progress: bool = True) -> Di
     }
     if estimate is not None:
         summary["test_log_px"] = {**mean_se(estimate.log_px), "num_samples": num_samples}
+    summary.update(vae.extra_summary(data))  # a model's own numbers (e.g. the GMVAE's cluster accuracy)
     torch.manual_seed(seed)  # figures
     make_figures(vae, data, result.history, run_dir)
     atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
     return summary
-
-
-def _finite_mean(values: torch.Tensor) -> Optional[float]:
-    finite = values[torch.isfinite(values)]
-    return finite.mean().item() if len(finite) else None
-
-
-def load_run(run_dir: str, device: str = "cpu"):
-    """Rebuild the model of a trained run from its checkpoint: returns (vae, cfg, splits), the model
-    in eval mode with the best epoch's parameters, the run's config and its data splits."""
-    state, meta = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), map_location=device)
-    cfg = meta["config"]
-    if "val_fraction" in cfg.get("train", {}):  # written before val_fraction moved from train: to data:
-        cfg = {**cfg, "train": dict(cfg["train"]), "data": dict(cfg["data"])}
-        cfg["data"]["val_fraction"] = cfg["train"].pop("val_fraction")
-    splits = _load_splits(cfg)
-    vae = build_model(cfg, splits.data_dim).to(device)
-    vae.load_state_dict(state)
-    vae.eval()
-    return vae, cfg, splits
-
-
-def evaluate_run(run_dir: str, num_samples: int = 5000, progress: bool = True) -> Dict[str, Any]:
-    """Estimate the test log p(x) of a trained run with ``num_samples`` importance samples (the
-    evaluation phase of :func:`train_run`, from the checkpoint); writes evaluation.json and
-    figures/log_px_vs_k.png and returns the evaluation."""
-    num_samples = positive_int(num_samples, "num_samples")
-    vae, cfg, splits = load_run(run_dir)
-    test_x = check_and_binarize(splits, vae.likelihood).test_x
-    elbo, estimate = evaluate(vae, test_x, num_samples, int(cfg["seed"]), progress)
-    log_px, elbo_k = mean_se(estimate.log_px), mean_se(estimate.elbo)
-    result = {"run_dir": os.path.abspath(run_dir), "num_samples": num_samples, "num_test": len(test_x),
-              "log_px": log_px, "elbo": elbo_k, "gap": log_px["mean"] - elbo_k["mean"],
-              "test_elbo": elbo["elbo"], "test_log_lik": elbo["log_lik"], "test_kl": elbo["kl"],
-              "log_px_by_k": {str(k): mean_se(v) for k, v in estimate.log_px_by_k.items()},
-              # the Monte Carlo stderr exists only where k̂ <= 0.7 (pyro_vae.weights): its mean over those points
-              "mean_mc_stderr": _finite_mean(estimate.stderr), "median_ess": estimate.ess.median().item(),
-              "fraction_pareto_k_above_0.7": estimate.fraction_pareto_k_above(0.7)}
-    fig = figures.plot_log_px_vs_k(estimate, title=f"test log p(x) vs K ({os.path.basename(os.path.abspath(run_dir))})")
-    figures.save_figure(fig, os.path.join(run_dir, "figures", "log_px_vs_k.png"))
-    atomic_write_json(os.path.join(run_dir, "evaluation.json"), result)
-    return result

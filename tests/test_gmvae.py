@@ -17,7 +17,7 @@ from pyro.infer import SVI, TraceEnum_ELBO
 
 from pyro_vae import build_model, estimate_log_px
 from pyro_vae.data import VAL_BINARIZATION_SEED, Splits, binarize_fixed, check_and_binarize, load_dataset
-from pyro_vae.experiment import load_run
+from pyro_vae.evaluation import load_run
 from pyro_vae.gmvae import GMVAE, cluster_accuracy
 from pyro_vae.likelihoods import CategoricalLikelihood, GaussianLikelihood
 from pyro_vae.train import TrainConfig, fit

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
-from pyro_vae import experiment
+from pyro_vae import evaluation, experiment
 from pyro_vae.build import build_model
 from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
 from pyro_vae.data import Splits, check_and_binarize, load_dataset
@@ -163,7 +163,7 @@ def test_the_run_writes_the_best_epoch_with_its_config_once(trained):
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert meta["metrics"] == lines[summary["best_epoch"] - 1]
     assert summary["selection_metric"] == "val_elbo" and summary["best_val_elbo"] == meta["metrics"]["val_elbo"]
-    vae, loaded_cfg, splits = experiment.load_run(run_dir)
+    vae, loaded_cfg, splits = evaluation.load_run(run_dir)
     assert loaded_cfg == cfg and len(splits.val_x) == len(load_dataset("digits").val_x)
     for k, v in vae.state_dict().items():
         torch.testing.assert_close(v, state[k])
@@ -182,10 +182,10 @@ def test_each_phase_is_seeded_with_the_run_seed(trained):
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [{k: r[k] for k in ("train_objective", "val_elbo")} for r in result.history] == \
         [{k: r[k] for k in ("train_objective", "val_elbo")} for r in lines]
-    evaluation = experiment.evaluate_run(run_dir, num_samples=7, progress=False)
-    assert evaluation["log_px"]["mean"] == summary["test_log_px"]["mean"]
-    assert evaluation["test_elbo"] == summary["test_elbo"]
-    assert evaluation["num_samples"] == summary["test_log_px"]["num_samples"] == 7
+    again = evaluation.evaluate_run(run_dir, num_samples=7, progress=False)
+    assert again["log_px"]["mean"] == summary["test_log_px"]["mean"]
+    assert again["test_elbo"] == summary["test_elbo"]
+    assert again["num_samples"] == summary["test_log_px"]["num_samples"] == 7
 
 
 def test_num_samples_null_skips_the_test_log_px(tmp_path):
@@ -198,7 +198,7 @@ def test_num_samples_null_skips_the_test_log_px(tmp_path):
 def test_val_fraction_is_part_of_the_data_section(tmp_path):
     cfg = run_config(data={"val_fraction": 0.25}, train={"epochs": 1}, eval={"num_samples": None})
     experiment.train_run(cfg, str(tmp_path), progress=False)
-    _, _, splits = experiment.load_run(str(tmp_path))
+    _, _, splits = evaluation.load_run(str(tmp_path))
     assert len(splits.val_x) == len(load_dataset("digits", val_fraction=0.25).val_x) > 300
     with pytest.raises(ValueError, match=r"unknown key train.val_fraction; the train section takes: epochs,"):
         experiment.train_run(run_config(train={"val_fraction": 0.1}), str(tmp_path / "x"), progress=False)
@@ -211,7 +211,7 @@ def test_a_checkpoint_from_before_val_fraction_moved_still_loads(trained, tmp_pa
     state, meta = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
     old = {**cfg, "data": {"name": "digits", "path": None}, "train": {**cfg["train"], "val_fraction": 0.25}}
     save_checkpoint(str(tmp_path / "checkpoint.pt"), state, **{**meta, "config": old})
-    _, loaded, splits = experiment.load_run(str(tmp_path))
+    _, loaded, splits = evaluation.load_run(str(tmp_path))
     assert loaded["data"]["val_fraction"] == 0.25 and "val_fraction" not in loaded["train"]
     assert len(splits.val_x) == len(load_dataset("digits", val_fraction=0.25).val_x)
 
@@ -229,7 +229,7 @@ def test_bad_data_is_refused_before_training(small_digits, tmp_path, monkeypatch
     x = getattr(small_digits, split).clone()
     x[3, 5] = bad
     broken = Splits(**{**small_digits.__dict__, split: x})
-    monkeypatch.setattr(experiment, "load_dataset", lambda **data: broken)
+    monkeypatch.setattr(experiment, "load_splits", lambda cfg: broken)
     what = {"train_x": "train", "val_x": "validation", "test_x": "test"}[split]
     with pytest.raises(ValueError, match=f"digits {what} data .*{message}"):
         experiment.train_run(run_config(), str(tmp_path), progress=False)

@@ -54,7 +54,7 @@ def reference_vae(run_dir: str | None, epochs: int):
     """(VAE, config): the trained VAE of ``run_dir``, or the reference architecture trained
     ``epochs`` epochs (cached in experiments/results/tmp)."""
     if run_dir:
-        from pyro_vae.experiment import load_run
+        from pyro_vae.evaluation import load_run
         vae, cfg, _ = load_run(run_dir)
         return vae, cfg
     torch.manual_seed(0)

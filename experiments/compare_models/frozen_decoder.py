@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 from pyro_vae import build_objective, build_model, estimate_log_px  # noqa: E402
 from pyro_vae.data import check_and_binarize  # noqa: E402
-from pyro_vae.experiment import load_run  # noqa: E402
+from pyro_vae.evaluation import load_run  # noqa: E402
 from pyro_vae.train import train_epoch  # noqa: E402
 
 

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from run import RUNS  # noqa: E402  (compare_models/run.py)
 from pyro_vae.checkpoint import atomic_write_json  # noqa: E402
 from pyro_vae.data import TRAIN_EVAL_BINARIZATION_SEED, binarize_fixed, check_and_binarize  # noqa: E402
-from pyro_vae.experiment import load_run  # noqa: E402
+from pyro_vae.evaluation import load_run  # noqa: E402
 from pyro_vae.metrics import mean_se  # noqa: E402
 from pyro_vae.marginal import estimate_log_px  # noqa: E402
 from pyro_vae.train import evaluate_elbo  # noqa: E402

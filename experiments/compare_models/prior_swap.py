@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 from pyro_vae.checkpoint import atomic_write_json  # noqa: E402
 from pyro_vae.data import binarize_fixed, check_and_binarize  # noqa: E402
-from pyro_vae.experiment import load_run  # noqa: E402
+from pyro_vae.evaluation import load_run  # noqa: E402
 from pyro_vae.metrics import mean_se  # noqa: E402
 from pyro_vae.priors import DiagonalNormalMixture  # noqa: E402
 

@@ -67,7 +67,8 @@ def time_variants(conf, steps=5):
 
 
 def train(conf, variant, seeds, epochs, num_samples):
-    from pyro_vae.experiment import evaluate_run, train_run
+    from pyro_vae.evaluation import evaluate_run
+    from pyro_vae.experiment import train_run
 
     for seed in seeds:
         run_dir = os.path.join(RUNS, variant, f"seed{seed}")
