@@ -148,9 +148,13 @@ class VampPrior(Prior):
         p(z) = (1/K) Σ_k q(z | u_k),   u_k = hardtanh(v_k, 0, 1) ∈ [0, 1]^D,
 
     where q is the model's own guide (its encoder is shared, not copied) and the v_k ∈ R^D are
-    learned, starting at N(init_mean, init_std²) draws per pixel. With a diagonal-Normal guide
-    (``diagonal_normal``) ``forward()`` returns a :class:`DiagonalNormalMixture`; with any other guide, a mixture
-    that scores z against each component. Train it with a long KL warm-up, e.g.
+    learned, starting at N(init_mean, init_std²) draws per pixel. ``forward()`` returns a
+    :class:`DiagonalNormalMixture` for the diagonal guide; for a flow guide (``iaf``), the mixture
+    of its Gaussian bases, p(z) = (1/K) Σ_k q0(z | u_k), since scoring z under the flow itself at
+    every u_k would invert the flow K times for every point, one network pass per latent dimension
+    each (a batch of 100 then took all 24 GB of this machine: experiments/benchmarks/results_pairs.md);
+    for any other guide, a mixture that scores z against each component. Train it with a long KL
+    warm-up, e.g.
     ``objective.warmup_epochs=100`` as in the reference code (why, and how it compares with
     :class:`MixturePrior`: experiments/compare_models/results.md, section "The VampPrior: the
     warm-up was too short, and 3,600 images are few for it").
@@ -177,6 +181,8 @@ class VampPrior(Prior):
     def forward(self):
         u = torch.nn.functional.hardtanh(self.pseudo_inputs, 0.0, 1.0)
         components = self.encoder(u)  # batch shape (K,), event shape (latent_dim,)
+        if isinstance(components, dist.TransformedDistribution):  # a flow: its Gaussian base q0(z | u_k)
+            components = components.base_dist
         weights = u.new_zeros(self.num_components)
         normal = getattr(components, "base_dist", None)
         if isinstance(components, dist.Independent) and isinstance(normal, dist.Normal) \

@@ -133,3 +133,14 @@ def test_diagonal_normal_mixture_matches_broadcast_scoring_under_a_plate_and_far
     assert fast.batch_shape == (3, 5) and fast.log_prob(z).dtype == torch.float32
     assert torch.allclose(fast.log_prob(z).double(), exact, rtol=1e-6, atol=1e-5)
     assert fast.sample((2,)).shape == (2, 3, 5, D)
+
+
+def test_vamp_prior_under_a_flow_guide_is_the_mean_of_its_gaussian_bases():
+    from pyro_vae.guides import IAFGuide
+    torch.manual_seed(0)
+    encoder = IAFGuide(data_dim=6, latent_dim=3, hidden=[8], num_flows=2, context_dim=4)
+    prior = VampPrior(3, encoder, num_components=5)
+    z = torch.randn(7, 3)
+    bases = encoder(torch.nn.functional.hardtanh(prior.pseudo_inputs, 0.0, 1.0)).base_dist  # batch (5,)
+    expected = bases.log_prob(z[:, None]).logsumexp(-1) - math.log(5)
+    torch.testing.assert_close(prior().log_prob(z), expected)
