@@ -32,12 +32,12 @@ import torch
 
 from . import figures
 from .build import build_objective, build_model
-from .checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_json, save_checkpoint
 from .checks import config_section, positive_int
 from .data import RunData, check_and_binarize, load_splits
 from .evaluation import evaluate
 from .metrics import MetricsLog, mean_se
-from .train import TrainConfig, TrainingDiverged, evaluate_elbo, fit
+from .train import TrainConfig, TrainingDiverged, fit
 
 
 def _num_samples(cfg: Mapping[str, Any]) -> Optional[int]:

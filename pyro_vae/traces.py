@@ -14,6 +14,7 @@ dim, with other plates inside it; the particle plate goes just outside the outer
 are learned from one dry run, :func:`inspect`, the way ``pyro.infer.ELBO`` guesses
 ``max_plate_nesting``.
 
+The ELBO's per-point terms (:func:`pyro_vae.objectives.elbo.elbo_terms`) are built on it too.
 A latent the model samples but the guide does not is drawn from the model; in a weight
 p(x, z) / r(z | x) its density appears in both, so the proposal r of :func:`log_densities` is
 the guide times those model-only conditionals.
@@ -31,10 +32,9 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
-from torch.distributions import kl_divergence
 
 __all__ = ["Layout", "dry_run", "layout", "inspect", "plate_nesting_of", "trace_pair", "site_kind", "site_log_prob",
-           "per_point", "site_scale", "log_densities", "elbo_terms", "without_analytic_kl", "replay_values",
+           "per_point", "site_scale", "log_densities", "replay_values",
            "preserve_rng", "empty_guide"]
 
 PARTICLES = "particles"  # the plate that vectorizes particles (chains), outside every other plate
@@ -274,42 +274,3 @@ def log_densities(guide_tr, model_tr, layout: Layout, num_particles: int = 1, dt
             log_r = log_r + per_point(site_log_prob(site).to(dtype), site, layout, num_particles)
     return log_p, log_r
 
-
-def _analytic_kl(q, p):
-    try:
-        return kl_divergence(q, p)
-    except NotImplementedError:
-        return None
-
-
-def without_analytic_kl(guide_tr, model_tr) -> list:
-    """[(name, q, p)] for the guide's latent sites whose KL(q || p) torch has no closed form for."""
-    return [(name, site["fn"], model_tr.nodes[name]["fn"]) for name, site in guide_tr.nodes.items()
-            if site_kind(site) == "latent" and _analytic_kl(site["fn"], model_tr.nodes[name]["fn"]) is None]
-
-
-def elbo_terms(model, guide, *args, data_plate: str = "data", **kwargs):
-    """Per-point ELBO(x_n) = E_q[log p(x_n | z)] − KL(q(z | x_n) || p(z)), each term estimated with
-    one z ~ q(z | x): returns (log_lik, kl), shape (n,) each.
-
-    log_lik sums the model's observed sites at that z; kl sums, over the guide's latent sites,
-    torch's closed-form KL(q || p) where one is registered for the pair, else the one-draw Monte
-    Carlo term log q(z|x) − log p(z). Model-only latents, drawn from the model, belong to log_lik's
-    expectation. Unscaled: a minibatch's subsampling scale does not enter.
-    """
-    guide_tr, model_tr = trace_pair(model, guide, args, kwargs)
-    lay = layout(prune_subsample_sites(guide_tr), prune_subsample_sites(model_tr), data_plate)
-    log_lik = kl = 0.0
-    for name, site in model_tr.nodes.items():
-        kind = site_kind(site)
-        if kind == "observed":
-            log_lik = log_lik + per_point(site_log_prob(site), site, lay)
-        elif kind == "latent" and name in guide_tr.nodes:
-            q = guide_tr.nodes[name]
-            term = _analytic_kl(q["fn"], site["fn"])
-            if term is None:
-                term = site_log_prob(q) - site_log_prob(site)
-            kl = kl + per_point(scale_and_mask(term, 1.0, site["mask"]), site, lay)
-    if not torch.is_tensor(log_lik):
-        raise ValueError("the model has no observed site; the ELBO's likelihood term needs observations")
-    return log_lik[0], (kl if torch.is_tensor(kl) else torch.zeros_like(log_lik))[0]

@@ -17,10 +17,10 @@ from __future__ import annotations
 import pyro
 import torch
 
-from . import traces
 from .base import LatentVariableModel
 from .guides import Guide
 from .likelihoods import Likelihood
+from .objectives.elbo import elbo_terms
 from .priors import Prior
 
 
@@ -59,9 +59,9 @@ class VAE(LatentVariableModel):
     @torch.no_grad()
     def elbo_terms(self, x: torch.Tensor):
         """Per-point ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)), each term estimated with one
-        z ~ q(z|x); the KL analytic where torch has it for (q, p) (:func:`pyro_vae.traces.elbo_terms`).
+        z ~ q(z|x); the KL analytic where torch has it for (q, p) (:func:`pyro_vae.objectives.elbo.elbo_terms`).
         Returns (log_lik, kl), shape (N,)."""
-        return traces.elbo_terms(self.model, self.guide, x)
+        return elbo_terms(self.model, self.guide, x)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, num_samples: int = 64) -> torch.Tensor:

@@ -3,7 +3,6 @@ builds; a user's own prior, guide class, or plain Pyro guide function plugs in u
 
 import itertools
 import math
-import os
 
 import pyro
 import pyro.distributions as dist

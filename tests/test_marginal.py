@@ -6,8 +6,6 @@ z-scores of independent points have mean 0 ± 4/√N) or from floating-point pre
 
 import contextlib
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
