@@ -1,0 +1,207 @@
+"""``pyro-vae report DIR``: every run under DIR in one table, mean ± standard error over seeds, and figures.
+
+A run is a directory with a ``config.yaml`` (what ``pyro-vae train`` writes). Runs are grouped by
+the config keys whose values differ between them, the seed excepted: each group is one variant,
+its seeds the repeats. Per variant the table gives the mean ± standard error (sd / √n over seeds)
+of the test ELBO, the test log p(x) (importance sampling, and any other method in the run's
+``evaluation.json``), the fraction of test points with Pareto k̂ > 0.7, the best epoch and the
+training time, and how many runs did not finish. It is printed as Markdown and written as
+``report.md`` and ``report.csv`` (pandas); ``report_curves.png`` draws each variant's validation
+score per epoch with a band of ± one standard error over seeds, and ``report_log_px_vs_k.png``
+the test log p(x) against K where runs were evaluated at several K.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, List, Sequence
+
+import pandas as pd
+
+from .checkpoint import atomic_write_text
+from .figures import new_figure, save_figure
+
+NOT_VARIANTS = ("seed", "progress", "data.path")  # repeats, or settings that do not change a run's meaning
+
+
+def flatten(cfg, prefix: str = "") -> Dict[str, object]:
+    """{"train.lr": 0.001, "model.hidden": "[200, 200]", ...}: dotted keys, lists as strings."""
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        out.update(flatten(value, name + ".") if isinstance(value, dict) else
+                   {name: json.dumps(value) if isinstance(value, list) else value})
+    return out
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def find_runs(root: str) -> List[dict]:
+    """Every run directory below ``root``: its flat config, summary, evaluation, status and history."""
+    import yaml  # PyYAML comes with hydra-core
+
+    runs = []
+    for directory, _, files in sorted(os.walk(root)):
+        if "config.yaml" not in files or os.path.basename(directory) == ".hydra":
+            continue
+        with open(os.path.join(directory, "config.yaml")) as f:
+            config = flatten(yaml.safe_load(f) or {})
+        summary = _read_json(os.path.join(directory, "summary.json"))
+        status = (_read_json(os.path.join(directory, "status.json")) or {}).get("status")
+        history = []
+        if os.path.isfile(os.path.join(directory, "metrics.jsonl")):
+            with open(os.path.join(directory, "metrics.jsonl")) as f:
+                history = [json.loads(line) for line in f if line.strip()]
+        runs.append({"dir": directory, "config": config, "summary": summary, "history": history,
+                     "evaluation": _read_json(os.path.join(directory, "evaluation.json")),
+                     "status": status or ("finished" if summary is not None else "unfinished")})
+    return runs
+
+
+def variant_keys(runs: Sequence[dict], by: Sequence[str] | None = None) -> List[str]:
+    """The config keys that tell variants apart: those that differ between runs (``by``, if given;
+    then any other differing key is a one-line ``ValueError``, rather than averaged away)."""
+    keys = sorted({k for r in runs for k in r["config"]} - set(NOT_VARIANTS))
+    differing = [k for k in keys if len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1]
+    if by is None:
+        return differing
+    unknown = [k for k in by if k not in keys]
+    if unknown:
+        raise ValueError(f"--by {unknown[0]}: no run has that config key; keys that differ: {', '.join(differing)}")
+    hidden = [k for k in differing if k not in by]
+    if hidden:
+        raise ValueError(f"the runs also differ in {', '.join(hidden)}, which --by does not name; add them to "
+                         f"--by, or report a directory whose runs differ only in {', '.join(by)}")
+    return list(by)
+
+
+def _mean_se(values) -> tuple:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else math.nan
+    return mean, se
+
+
+def _metrics(run) -> Dict[str, float]:
+    """The numbers a run contributes to its variant's row."""
+    s, e = run["summary"] or {}, run["evaluation"] or {}
+    out = {"test_elbo": s.get("test_elbo"), "test_log_px": (s.get("test_log_px") or {}).get("mean"),
+           "best_epoch": s.get("best_epoch"), "train_seconds": s.get("train_seconds"),
+           "frac_pareto_k_above_0.7": e.get("fraction_pareto_k_above_0.7", s.get("fraction_pareto_k_above_0.7"))}
+    for method, result in e.items():  # e.g. {"ais": {"log_px": {"mean": ...}}} beside the IS numbers
+        if isinstance(result, dict) and isinstance(result.get("log_px"), dict):
+            out[f"test_log_px_{method}"] = result["log_px"].get("mean")
+    return out
+
+
+def table(runs: Sequence[dict], keys: Sequence[str]) -> pd.DataFrame:
+    """One row per variant: its keys' values, the number of finished seeds and of the others, and
+    the mean and standard error over seeds of each metric."""
+    groups: Dict[tuple, List[dict]] = {}
+    for run in runs:
+        groups.setdefault(tuple(json.dumps(run["config"].get(k), sort_keys=True) for k in keys), []).append(run)
+    rows = []
+    for values, group in sorted(groups.items()):
+        done = [r for r in group if r["status"] == "finished"]
+        row = {k: json.loads(v) for k, v in zip(keys, values)}
+        row.update({"seeds": len(done), "not_finished": len(group) - len(done)})
+        metrics = [_metrics(r) for r in done]
+        for name in sorted({m for ms in metrics for m in ms}):
+            row[f"{name}_mean"], row[f"{name}_se"] = _mean_se([ms.get(name) for ms in metrics])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(df: pd.DataFrame, keys: Sequence[str]) -> str:
+    """The table with each metric as "mean ± se" (3 significant decimals), for reading."""
+    shown = df[list(keys) + ["seeds", "not_finished"]].copy()
+    for name in [c[:-5] for c in df.columns if c.endswith("_mean")]:
+        mean, se = df[f"{name}_mean"], df[f"{name}_se"]
+        shown[name] = [("" if math.isnan(m) else f"{m:.2f}" + ("" if math.isnan(s) else f" ± {s:.2f}"))
+                       for m, s in zip(mean, se)]
+    return shown.to_markdown(index=False)
+
+
+def _label(run, keys) -> str:
+    return ", ".join(f"{k}={run['config'].get(k)}" for k in keys) or "all runs"
+
+
+def curves_figure(runs, keys, path) -> bool:
+    """Each variant's validation selection score per epoch: the mean over seeds, ± one SE band."""
+    fig = new_figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    drawn = False
+    for label in sorted({_label(r, keys) for r in runs}):
+        group = [r for r in runs if _label(r, keys) == label and r["history"]]
+        if not group:
+            continue
+        histories = [r["history"] for r in group]
+        metric = (group[0]["summary"] or {}).get("selection_metric") or "val_elbo"
+        epochs = sorted({rec["epoch"] for h in histories for rec in h})
+        stats = [_mean_se([next((rec.get(metric) for rec in h if rec["epoch"] == e), None) for h in histories])
+                 for e in epochs]
+        mean = [m for m, _ in stats]
+        se = [0.0 if math.isnan(s) else s for _, s in stats]
+        line, = ax.plot(epochs, mean, label=f"{label} ({metric})")
+        ax.fill_between(epochs, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)],
+                        color=line.get_color(), alpha=0.2)
+        drawn = True
+    ax.set(xlabel="epoch", ylabel="validation selection score (nats per image)",
+           title="training curves: mean over seeds, ± 1 standard error")
+    if drawn:
+        ax.legend(fontsize="small")
+        save_figure(fig, path)
+    return drawn
+
+
+def log_px_vs_k_figure(runs, keys, path) -> bool:
+    """Test log p(x) against K per variant, from the runs' evaluation.json (mean over seeds ± SE)."""
+    fig = new_figure(figsize=(6, 4))
+    ax = fig.subplots()
+    drawn = False
+    for label in sorted({_label(r, keys) for r in runs}):
+        by_k = [r["evaluation"]["log_px_by_k"] for r in runs
+                if _label(r, keys) == label and r["evaluation"] and r["evaluation"].get("log_px_by_k")]
+        if not by_k:
+            continue
+        ks = sorted({int(k) for b in by_k for k in b})
+        stats = [_mean_se([b[str(k)]["mean"] for b in by_k if str(k) in b]) for k in ks]
+        ax.errorbar(ks, [m for m, _ in stats], yerr=[0.0 if math.isnan(s) else s for _, s in stats], marker="o",
+                    capsize=3, label=label)
+        drawn = True
+    ax.set_xscale("log")
+    ax.set(xlabel="number of samples K", ylabel="mean test log p̂_K(x) (nats)",
+           title="log p(x) against K: mean over seeds, ± 1 SE over seeds")
+    if drawn:
+        ax.legend(fontsize="small")
+        save_figure(fig, path)
+    return drawn
+
+
+def report(root: str, by: Sequence[str] | None = None, out: str | None = None) -> pd.DataFrame:
+    """Gather the runs under ``root``, write report.md, report.csv and the figures into ``out``
+    (default ``root``), and return the table."""
+    if not os.path.isdir(root):
+        raise ValueError(f"{root} is not a directory; pass a directory of pyro-vae runs")
+    runs = find_runs(root)
+    if not runs:
+        raise ValueError(f"no runs under {root} (a run is a directory with a config.yaml); train some first "
+                         f"with `pyro-vae train hydra.run.dir={root}/<name>` or a -m sweep")
+    keys = variant_keys(runs, by)
+    df = table(runs, keys)
+    out = out or root
+    atomic_write_text(os.path.join(out, "report.md"), markdown(df, keys) + "\n")
+    atomic_write_text(os.path.join(out, "report.csv"), df.to_csv(index=False))
+    curves_figure(runs, keys, os.path.join(out, "report_curves.png"))
+    log_px_vs_k_figure(runs, keys, os.path.join(out, "report_log_px_vs_k.png"))
+    return df
