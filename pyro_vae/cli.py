@@ -28,9 +28,12 @@ commands:
 data-parallel: torchrun --standalone --nproc_per_node=N $(which pyro-vae) train|evaluate ..."""
 
 
-def fail(message: str, status: int = 2) -> None:
-    """One line on stderr, exit status 2: the message says what was wrong and what to do."""
-    print(f"pyro-vae: error: {' '.join(str(message).split())}", file=sys.stderr)
+def fail(message: str, status: int = 2, every_rank: bool = False) -> None:
+    """One line on stderr, exit status 2: the message says what was wrong and what to do. Under
+    torchrun only rank 0 says it (every rank meets the same mistake), unless ``every_rank``."""
+    _stopping.append("fail")
+    if every_rank or int(os.environ.get("RANK", "0")) == 0:
+        print(f"pyro-vae: error: {' '.join(str(message).split())}", file=sys.stderr)
     raise SystemExit(status)
 
 
@@ -84,7 +87,17 @@ def resume_changes(cfg, overrides, saved) -> dict:
     return {key: get(cfg, key) for key in sorted(keys - {"resume"}) if get(cfg, key) != get(saved, key)}
 
 
+_stopping = []  # set once pyro-vae has decided to stop: later signals are ignored
+
+
 def _interrupt(signum, frame):
+    """SIGTERM as Ctrl-C, once; ignored while a stop is being handled (a lost rank, an error),
+    so the run's status and its one-line message are written whole."""
+    from .distributed import RankLost
+
+    if _stopping or isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit, RankLost)):
+        return
+    _stopping.append(signum)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
@@ -118,12 +131,15 @@ def _train(argv) -> None:
             return
         except RunInterrupted as e:
             fail(str(e), status=130)
-        except (ValueError, FileNotFoundError, TrainingDiverged, RankLost) as e:
+        except (ValueError, FileNotFoundError, TrainingDiverged) as e:
             fail(str(e))
+        except RankLost as e:
+            fail(str(e), every_rank=True)
         finally:
             remove_if_empty(hydra_dir)
             teardown()
-        print(summary_line(summary["run_dir"], summary))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(summary_line(summary["run_dir"], summary))
 
     sys.argv = [sys.argv[0], *argv]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing a traceback: told in one line
@@ -180,11 +196,12 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # torchrun and schedulers stop with SIGTERM: stop like Ctrl-C
     try:
         commands[argv[0]](argv[1:])
-    except KeyboardInterrupt:  # outside a run (train: before its directory is claimed): nothing to keep
-        fail(f"{argv[0]} interrupted; no file was written", status=130)
+    except KeyboardInterrupt:  # outside a run (train: before its directory is claimed, or after its status)
+        fail(f"{argv[0]} interrupted", status=130)
     finally:  # as they were, for a caller in the same process
         warnings.formatwarning = saved[0]
         signal.signal(signal.SIGTERM, saved[1])
+        _stopping.clear()
         if saved[2] is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:

@@ -22,6 +22,7 @@ CUDA, one GPU per local rank); without torchrun it returns :data:`SINGLE`, and e
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, List
@@ -120,8 +121,8 @@ class Ranks:
         try:
             return op(*args)
         except RuntimeError as e:  # gloo and NCCL raise DistBackendError, a RuntimeError
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise RankLost(f"rank {self.rank} of {self.world_size} lost the other ranks ({first[:160]}); "
+            first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0])
+            raise RankLost(f"rank {self.rank} of {self.world_size} lost the other ranks ({first.split('. ')[0][:160]}): "
                            f"one of them stopped or was killed") from None
 
 

@@ -152,6 +152,7 @@ def resume_run(run_dir: str, progress: Optional[bool] = None, changes: Optional[
         section, _, name = key.rpartition(".")
         (cfg[section] if section else cfg)[name] = value
     run = prepare(cfg)
+    state.check(run.vae, run.ranks)
     rundir.remove_temporaries(run_dir)
     return _train(run, run_dir, run.cfg["progress"] if progress is None else progress, state, meta)
 
@@ -187,12 +188,14 @@ def _train(run: Prepared, run_dir: str, progress: bool, state: Optional[TrainSta
                      on_best=save_best if main else None, progress=progress and main, seed=seed, resume=state,
                      on_epoch_end=save_state, ranks=ranks)
         summary = _evaluate(run, result, run_dir, spent + time.perf_counter() - start, progress)
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, distributed.RankLost) as e:
         kept = f"epochs 1-{where['epochs']} (best epoch {where['best']} in checkpoint.pt)" if where["epochs"] else \
             "no finished epoch"
-        message = f"stopped by {str(e) or 'Ctrl-C'}: {run_dir} keeps {kept}"
-        mark("interrupted", message)
-        raise RunInterrupted(f"{message}; continue with `pyro-vae train resume={run_dir}`") from None
+        how = f"stopped by {str(e) or 'Ctrl-C'}" if isinstance(e, KeyboardInterrupt) else str(e)
+        mark("interrupted", f"{how}; {run_dir} keeps {kept}")
+        launch = "pyro-vae" if ranks.world_size == 1 else f"torchrun --nproc_per_node={ranks.world_size} $(which pyro-vae)"
+        stopped = RunInterrupted if isinstance(e, KeyboardInterrupt) else distributed.RankLost
+        raise stopped(f"{how}; {run_dir} keeps {kept}; continue with `{launch} train resume={run_dir}`") from None
     except TrainingDiverged as e:
         kept = f"; {checkpoint} (epoch {e.result.best_epoch}) is intact" if e.result and e.result.best_epoch else ""
         mark("failed", f"{e}{kept}")

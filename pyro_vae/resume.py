@@ -62,20 +62,31 @@ class TrainState:
         return cls(copy.deepcopy(result), {k: v.detach().clone() for k, v in vae.state_dict().items()},
                    copy.deepcopy(optimizer.state_dict()), order.get_state(), rank_rngs, seed)
 
-    def restore(self, vae, optimizer, order: torch.Generator, ranks: Ranks = SINGLE) -> FitResult:
-        """Load the state into ``vae``, ``optimizer``, ``order`` and this rank's generators; returns
-        a copy of the bookkeeping to continue with."""
+    def check(self, vae, ranks: Ranks = SINGLE) -> None:
+        """A one-line ``ValueError`` unless the state fits ``vae`` (names and shapes of its
+        parameters) and as many ranks as ``ranks`` has."""
         if self.world_size != ranks.world_size:
             how = f"torchrun --nproc_per_node={self.world_size}" if self.world_size > 1 else "one process, without torchrun"
             raise ValueError(f"the state was written by a training on {self.world_size} rank(s), this one has "
                              f"{ranks.world_size}; resume it with {how}")
+        found = {k: tuple(v.shape) for k, v in self.model.items()}
+        expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+        for key in sorted(set(found) | set(expected)):
+            if found.get(key) != expected.get(key):
+                raise ValueError(f"the state does not fit this model ({key}: {found.get(key)} in the state, "
+                                 f"{expected.get(key)} in the model); it belongs to another config")
+
+    def restore(self, vae, optimizer, order: torch.Generator, ranks: Ranks = SINGLE) -> FitResult:
+        """Load the state into ``vae``, ``optimizer``, ``order`` and this rank's generators; returns
+        a copy of the bookkeeping to continue with."""
+        self.check(vae, ranks)
         device = next(vae.parameters()).device
+        vae.load_state_dict(self.model)
         try:
-            vae.load_state_dict(self.model)
             optimizer.load_state_dict(self.optimizer)
         except (RuntimeError, ValueError, KeyError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"the state does not fit this model and optimizer ({first[:200]}); it belongs to "
+            raise ValueError(f"the state's optimizer does not fit this model's ({first[:200]}); it belongs to "
                              f"another config") from None
         order.set_state(self.order_rng)
         rng = self.rank_rngs[ranks.rank]

@@ -196,7 +196,7 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
     _, err = proc.communicate(timeout=120)
     lines = err.strip().splitlines()
     assert proc.returncode == 130 and len(lines) == 1, err
-    assert lines[0].startswith(f"pyro-vae: error: stopped by Ctrl-C: {tmp_path / 'run'} keeps epochs 1-")
+    assert lines[0].startswith(f"pyro-vae: error: stopped by Ctrl-C; {tmp_path / 'run'} keeps epochs 1-")
     assert lines[0].endswith(f"continue with `pyro-vae train resume={tmp_path / 'run'}`")
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "interrupted" and status["epoch"] >= 1

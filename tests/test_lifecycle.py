@@ -41,7 +41,7 @@ def interrupt_at(monkeypatch, epoch):
 
 def test_an_interrupted_run_resumes_to_the_numbers_of_an_uninterrupted_one(uninterrupted, tmp_path, monkeypatch):
     interrupt_at(monkeypatch, 3)
-    with pytest.raises(RunInterrupted, match=r"stopped by Ctrl-C: .*/run keeps epochs 1-2 \(best epoch 2 in "
+    with pytest.raises(RunInterrupted, match=r"stopped by Ctrl-C; .*/run keeps epochs 1-2 \(best epoch 2 in "
                                              r"checkpoint.pt\); continue with `pyro-vae train resume=.*/run`$"):
         train_run(CFG, str(tmp_path / "run"), progress=False)
     status = read_status(str(tmp_path / "run"))
