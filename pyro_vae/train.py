@@ -122,6 +122,16 @@ def evaluate_elbo(vae, x: torch.Tensor, batch_size: int = 1000, seed: Optional[i
     return {"elbo": (log_lik - kl).mean().item(), "log_lik": log_lik.mean().item(), "kl": kl.mean().item()}
 
 
+def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
+    """Adam with learning rate ``lr``, by torch's fused kernel where the device has one (the same
+    update to float rounding, in one pass over each parameter instead of about ten)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):  # no fused kernel for this device or dtype (or an older torch)
+        return torch.optim.Adam(params, lr=lr)
+
+
 class LossWatch:
     """Warns, once, when a step's loss (nats per point) rises above the lowest loss so far by more
     than ``factor`` times that loss's magnitude (at least 1 nat): a learning rate too high for the
@@ -155,11 +165,14 @@ def train_epoch(vae, objective, optimizer, train_x: torch.Tensor, batch_size: in
     for step, batch in enumerate(torch.randperm(n, generator=order, device=device).split(batch_size)):
         idx = ranks.shard(batch)
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.zeros((), device=device)
         if len(idx):
             x = torch.bernoulli(train_x[idx]) if binarize else train_x[idx]
-            loss = objective.differentiable_loss(vae.model, vae.guide, x, num_data=n) * (len(idx) / len(batch)) / n
+            loss = objective.differentiable_loss(vae.model, vae.guide, x, num_data=n) / n
+            if len(idx) < len(batch):  # a shard: its share of the batch
+                loss = loss * (len(idx) / len(batch))
             loss.backward()
+        else:
+            loss = torch.zeros((), device=device)
         value = ranks.sum_gradients(params, loss).item()
         if not math.isfinite(value):
             raise TrainingDiverged(f"the loss became {value} at epoch {epoch}, step {step}")
@@ -213,7 +226,7 @@ def fit(vae, data: RunData, objective, cfg: TrainConfig, log: Optional[Callable[
 
     objective = as_objective(objective)
     split = "val" if len(data.val_x) else "train"
-    optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(vae.parameters(), cfg.lr)
     seed = int(torch.randint(2**62, ())) if seed is None and resume is None else seed
     order = torch.Generator(data.train_x.device)
     if resume is None:

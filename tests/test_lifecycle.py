@@ -173,3 +173,21 @@ def test_the_progress_bar_counts_every_epoch_run(tiny_vae, small_digits, monkeyp
     result = fit(vae, check_and_binarize(small_digits, vae.likelihood), Trace_ELBO(),
                  TrainConfig(epochs=50, lr=0.0, patience=2), seed=0)
     assert result.stopped_early and bars[0].n == result.epochs_run < bars[0].total
+
+
+def test_the_log_px_against_k_bars_are_paired_standard_errors():
+    """The bars of log_px_vs_k.png: the standard error of mean(log p̂_K − log p̂_Kmax) over the
+    points, not the spread of log p(x) across them (the same at every K)."""
+    from pyro_vae.figures import plot_log_px_vs_k
+    from pyro_vae.metrics import mean_se
+    from pyro_vae.weights import LogPxEstimate
+
+    g = torch.Generator().manual_seed(0)
+    spread = 10 * torch.randn(200, generator=g, dtype=torch.float64)  # images differ by ~10 nats
+    by_k = {1: spread - 2 + 0.5 * torch.randn(200, generator=g, dtype=torch.float64), 10: spread - 0.5, 100: spread}
+    nan = torch.full((200,), float("nan"), dtype=torch.float64)
+    estimate = LogPxEstimate(spread, nan, nan, nan, nan, nan, 100, "guide", log_px_by_k=by_k)
+    bars = plot_log_px_vs_k(estimate).axes[0].containers[0].lines[2][0].get_segments()
+    half_widths = [(top[1] - bottom[1]) / 2 for bottom, top in bars]
+    expected = [mean_se(by_k[k] - by_k[100])["se"] for k in (1, 10, 100)]
+    assert half_widths == pytest.approx(expected) and expected[0] < 0.1 < mean_se(spread)["se"]
