@@ -172,6 +172,8 @@ def _evaluate(argv) -> None:
         fail(str(e))
     finally:
         teardown()
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun rank 0 reports
+        return
     print(f"test log p(x) = {r['log_px']['mean']:.3f} ± {r['log_px']['se']:.3f} nats (K={r['num_samples']}, "
           f"{r['num_test']} images); ELBO = {r['elbo']['mean']:.3f} ± {r['elbo']['se']:.3f}; "
           f"gap log p(x) - ELBO = {r['gap']:.3f}")

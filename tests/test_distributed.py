@@ -107,6 +107,11 @@ def test_a_data_parallel_run_matches_one_process_and_resumes_after_a_rank_is_kil
     resumed = torchrun("train", "resume=killed", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     same_run(str(tmp_path / "ddp"), str(tmp_path / "killed"))
+    # `pyro-vae evaluate` shards too, and repeats the run's own evaluation phase
+    evaluated = torchrun("evaluate", str(tmp_path / "ddp"), "num_samples=10", "--no-progress", cwd=tmp_path)
+    assert evaluated.returncode == 0 and evaluated.stdout.count("test log p(x) =") == 1, evaluated.stderr
+    result = json.loads((tmp_path / "ddp" / "evaluation.json").read_text())
+    assert result["log_px"] == {k: ddp["test_log_px"][k] for k in ("mean", "se")}
 
 
 def test_more_ranks_than_points_in_a_batch_is_one_line(tmp_path):
