@@ -142,18 +142,22 @@ def resume_run(run_dir: str, progress: Optional[bool] = None, changes: Optional[
         raise FileNotFoundError(f"run {run_dir} has no state.pt, the state written at the end of each epoch: it "
                                 f"stopped before its first epoch ended (or predates resuming); train it anew")
     state, meta = TrainState.load(path)
-    diff = config_difference(meta["config"], cfg)
+    diff = config_difference(meta["config"], cfg, ignore=RESUMABLE_CHANGES)
     if diff:
         raise ValueError(f"{path} belongs to another config than {run_dir}/config.yaml ({diff}); refusing to resume")
     for key, value in (changes or {}).items():
         if key not in RESUMABLE_CHANGES:
-            raise ValueError(f"{key}={value!r} would change what run {run_dir} computes; a resumed run keeps its "
+            shown = value.get("name", value) if isinstance(value, Mapping) else value  # a group: its choice
+            raise ValueError(f"{key}={shown!r} would change what run {run_dir} computes; a resumed run keeps its "
                              f"config (only {', '.join(RESUMABLE_CHANGES)} may change): start a new run instead")
         section, _, name = key.rpartition(".")
         (cfg[section] if section else cfg)[name] = value
     run = prepare(cfg)
     state.check(run.vae, run.ranks)
-    rundir.remove_temporaries(run_dir)
+    if run.ranks.is_main:
+        rundir.remove_temporaries(run_dir)
+        if changes:  # the run's config follows it: the next resume compares against this one
+            rundir.write_config(run_dir, run.cfg, rundir.read_overrides(run_dir))
     return _train(run, run_dir, run.cfg["progress"] if progress is None else progress, state, meta)
 
 

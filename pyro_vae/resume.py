@@ -112,14 +112,17 @@ class TrainState:
                    meta.pop("seed")), meta
 
 
-def config_difference(saved: Mapping[str, Any], given: Mapping[str, Any], prefix: str = "") -> str | None:
-    """The first key (dotted) whose value differs between two configs, as "key: saved vs given", or None."""
+def config_difference(saved: Mapping[str, Any], given: Mapping[str, Any], ignore=(), prefix: str = "") -> str | None:
+    """The first key (dotted) whose value differs between two configs, as "key: saved vs given",
+    or None; keys in ``ignore`` (dotted) are not compared."""
     for key in sorted(set(saved) | set(given)):
-        a, b = saved.get(key), given.get(key)
+        a, b, name = saved.get(key), given.get(key), f"{prefix}{key}"
+        if name in ignore:
+            continue
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            found = config_difference(a, b, f"{prefix}{key}.")
+            found = config_difference(a, b, ignore, f"{name}.")
             if found:
                 return found
         elif a != b:
-            return f"{prefix}{key}: {a!r} vs {b!r}"
+            return f"{name}: {a!r} vs {b!r}"
     return None

@@ -122,6 +122,14 @@ def write_config(run_dir: str, cfg: Mapping[str, Any], overrides: Sequence[str] 
     atomic_write_text(os.path.join(run_dir, "overrides.yaml"), OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
 
 
+def read_overrides(run_dir: str) -> list:
+    """The command line's overrides of a run (its overrides.yaml; none if it has no such file)."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(run_dir, "overrides.yaml")
+    return list(OmegaConf.to_container(OmegaConf.load(path))) if os.path.isfile(path) else []
+
+
 def read_config(run_dir: str) -> Dict[str, Any]:
     """The config a run was started with (its config.yaml), or a one-line error saying what is missing."""
     from omegaconf import OmegaConf

@@ -205,7 +205,7 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, status["epoch"] + 1))
     out = pyro_vae("train", "resume=run", "train.epochs=3", cwd=tmp_path)
-    one_line_error(out, "train.epochs=3 would change what run run computes")
+    one_line_error(out, f"train.epochs=3 would change what run {tmp_path / 'run'} computes")
     out = pyro_vae("train", "resume=run", "train.epochs=30", cwd=tmp_path)  # the run's own value: no change
     assert out.returncode == 0 and out.stdout.startswith(f"run {tmp_path / 'run'}: best epoch"), out.stderr
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -191,3 +191,26 @@ def test_the_log_px_against_k_bars_are_paired_standard_errors():
     half_widths = [(top[1] - bottom[1]) / 2 for bottom, top in bars]
     expected = [mean_se(by_k[k] - by_k[100])["se"] for k in (1, 10, 100)]
     assert half_widths == pytest.approx(expected) and expected[0] < 0.1 < mean_se(spread)["se"]
+
+
+def test_a_run_resumed_with_its_data_moved_resumes_again(tmp_path, monkeypatch):
+    """data.path may change at a resume; the run's config.yaml follows, so a second resume (and
+    evaluate) find the data where they are now."""
+    from test_data import write_mnist
+
+    (tmp_path / "mnist").mkdir()
+    write_mnist(tmp_path / "mnist", n_train=60, n_test=20)
+    cfg = run_config(data={"name": "mnist", "path": str(tmp_path / "mnist")}, train={"epochs": 3, "batch_size": 30},
+                     eval={"num_samples": None})
+    interrupt_at(monkeypatch, 2)
+    with pytest.raises(RunInterrupted):
+        train_run(cfg, str(tmp_path / "run"), progress=False)
+    os.rename(tmp_path / "mnist", tmp_path / "moved")
+    monkeypatch.undo()
+    interrupt_at(monkeypatch, 2)  # before this resume has finished an epoch: state.pt still names the old path
+    with pytest.raises(RunInterrupted):
+        resume_run(str(tmp_path / "run"), changes={"data.path": str(tmp_path / "moved")})
+    monkeypatch.undo()
+    resume_run(str(tmp_path / "run"))
+    assert read_status(str(tmp_path / "run"))["status"] == "finished"
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))[1]["config"]["data"]["path"] == str(tmp_path / "moved")
