@@ -1,7 +1,12 @@
 """The ``pyro-vae`` command: ``train`` (a Hydra app: overrides and -m sweeps) and ``evaluate``.
 
-    pyro-vae train [KEY=VALUE ...] [-m]
-    pyro-vae evaluate RUN_DIR [--num-samples K | num_samples=K] [data.path=DIR]
+    pyro-vae train [KEY=VALUE ...] [-m]                  a new run directory
+    pyro-vae train resume=RUN_DIR                        continue a stopped run exactly
+    pyro-vae evaluate RUN_DIR [num_samples=K] [data.path=DIR] [device=cuda]
+
+Every mistake (an unknown key or choice, a bad value, a damaged file) is one line on stderr and
+exit status 2; Ctrl-C and SIGTERM stop a run cleanly (status 130) and say how to resume it. Under
+torchrun (``torchrun ... $(which pyro-vae) train|evaluate ...``) rank 0 reports.
 """
 
 from __future__ import annotations
