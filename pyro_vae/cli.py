@@ -103,7 +103,7 @@ def _interrupt(signum, frame):
     if _stopping or isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit, RankLost)):
         return
     _stopping.append(signum)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    raise KeyboardInterrupt("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
 
 
 def _train(argv) -> None:
@@ -198,9 +198,12 @@ def main(argv=None) -> None:
         return
     if argv[0] not in commands:
         fail(f"unknown command {argv[0]!r}; choose one of: {', '.join(commands)}")
-    saved = warnings.formatwarning, signal.getsignal(signal.SIGTERM), os.environ.get("HYDRA_FULL_ERROR")
+    saved = (warnings.formatwarning, signal.getsignal(signal.SIGTERM), os.environ.get("HYDRA_FULL_ERROR"),
+             signal.getsignal(signal.SIGINT))
     warnings.formatwarning = _one_line_warnings
     signal.signal(signal.SIGTERM, _interrupt)  # torchrun and schedulers stop with SIGTERM: stop like Ctrl-C
+    if saved[3] is signal.default_int_handler:  # Ctrl-C, unless the caller ignores it (a background job)
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         commands[argv[0]](argv[1:])
     except KeyboardInterrupt:  # outside a run (train: before its directory is claimed, or after its status)
@@ -208,6 +211,7 @@ def main(argv=None) -> None:
     finally:  # as they were, for a caller in the same process
         warnings.formatwarning = saved[0]
         signal.signal(signal.SIGTERM, saved[1])
+        signal.signal(signal.SIGINT, saved[3])
         _stopping.clear()
         if saved[2] is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

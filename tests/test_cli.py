@@ -190,7 +190,9 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
     says interrupted, what was written is intact, and `resume=` finishes the run."""
     argv = [sys.executable, "-m", "pyro_vae.cli", "train", *FAST, "train.epochs=30", "train.early_stopping=false",
             "eval.num_samples=null", "hydra.run.dir=run"]
-    proc = subprocess.Popen(argv, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default in the child even when this test runs as a background job (which ignores SIGINT)
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(lambda: (tmp_path / "run" / "state.pt").exists(), proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

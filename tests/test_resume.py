@@ -16,10 +16,10 @@ from helpers import ENV, FAST, same_run
 from pyro_vae.experiment import train_run
 from pyro_vae.rundir import read_config, read_status
 
-ARGS = [*FAST, "train.epochs=12", "train.patience=4", "objective=iwae", "objective.num_particles=2"]
+ARGS = [*FAST, "train.epochs=30", "train.early_stopping=false", "objective=iwae", "objective.num_particles=2"]
 
-# A `pyro-vae` that, when it writes state.pt at epoch 3 or later, stops before renaming the fully
-# written temporary file (in os.fsync, the last step of the atomic write) and says so in a marker file.
+# A `pyro-vae` that, at its second write of state.pt, stops before renaming the fully written
+# temporary file (in os.fsync, the last step of the atomic write) and says so in a marker file.
 STALL_IN_STATE_WRITE = """
 import os, sys, time
 real_fsync, written = os.fsync, []
@@ -60,14 +60,17 @@ def status(run):
 @pytest.mark.heavy
 def test_runs_killed_at_random_points_resume_to_the_uninterrupted_numbers(tmp_path):
     run, rng, kills = tmp_path / "run", random.Random(0), []
+    targets = sorted(rng.sample(range(2, 27), 3))  # the epochs after which the three random kills come
     for attempt in range(4):
         args = ["train", *ARGS, "hydra.run.dir=run"] if attempt == 0 else ["train", "resume=run"]
         proc = start(args, tmp_path, stall=attempt == 1)
         if attempt == 1:  # killed in the middle of writing state.pt
             started = wait_for(lambda: (run / "writing-state").exists(), proc)
-        else:  # killed at a random moment once this process has the run
-            started = wait_for(lambda: status(run).get("pid") == proc.pid and (run / "state.pt").exists(), proc)
-            time.sleep(rng.uniform(0.0, 1.5))
+        else:  # killed at a random moment once this process has run past its target epoch
+            target = targets.pop(0)
+            started = wait_for(lambda: status(run).get("pid") == proc.pid and status(run).get("epoch", 0) >= target,
+                               proc)
+            time.sleep(rng.uniform(0.0, 0.3))
         if started and proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             kills.append(status(run).get("epoch"))
