@@ -1,7 +1,12 @@
 """The ``pyro-vae`` command: ``train`` (a Hydra app: overrides and -m sweeps) and ``evaluate``.
 
-    pyro-vae train [KEY=VALUE ...] [-m]
-    pyro-vae evaluate RUN_DIR [--num-samples K | num_samples=K]
+    pyro-vae train [KEY=VALUE ...] [-m]                  a new run directory
+    pyro-vae train resume=RUN_DIR                        continue a stopped run exactly
+    pyro-vae evaluate RUN_DIR [num_samples=K] [data.path=DIR] [device=cuda]
+
+Every mistake (an unknown key or choice, a bad value, a damaged file) is one line on stderr and
+exit status 2; Ctrl-C and SIGTERM stop a run cleanly (status 130) and say how to resume it. Under
+torchrun (``torchrun ... $(which pyro-vae) train|evaluate ...``) rank 0 reports.
 """
 
 from __future__ import annotations
@@ -9,17 +14,36 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
+import warnings
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 GROUPS = ("data", "model", "prior", "guide", "likelihood", "objective")
-USAGE = __doc__.strip().splitlines()[-2:]
+HELP = """usage: pyro-vae COMMAND [ARGS]
+
+commands:
+  train     train a model and write its run directory (config, metrics, TensorBoard events,
+            figures, checkpoint, summary); KEY=VALUE overrides, -m sweeps, resume=RUN_DIR
+            continues a stopped run. `pyro-vae train --help` lists every choice and option.
+  evaluate  estimate the test log p(x) of a trained run again, with K importance samples:
+            pyro-vae evaluate RUN_DIR num_samples=5000 [data.path=DIR]
+            `pyro-vae evaluate --help` lists its options.
+
+data-parallel: torchrun --standalone --nproc_per_node=N $(which pyro-vae) train|evaluate ..."""
 
 
-def fail(message: str) -> None:
-    """One line on stderr, exit status 2: the message says what was wrong and what to do."""
-    print(f"pyro-vae: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+def fail(message: str, status: int = 2, every_rank: bool = False) -> None:
+    """One line on stderr, exit status 2: the message says what was wrong and what to do. Under
+    torchrun only rank 0 says it (every rank meets the same mistake), unless ``every_rank``."""
+    _stopping.append("fail")
+    if every_rank or int(os.environ.get("RANK", "0")) == 0:
+        print(f"pyro-vae: error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
+    return f"pyro-vae: warning: {' '.join(str(message).split())}\n"
 
 
 def group_choices(group: str):
@@ -37,6 +61,18 @@ def check_group_overrides(overrides) -> None:
                     fail(f"unknown {group} {value!r}; choose one of: {', '.join(group_choices(group))}")
 
 
+def hydra_message(error: Exception) -> str:
+    """One line for an error of Hydra's composition (a key not in the config, a malformed override)."""
+    cause = error.__cause__
+    full_key, parent = getattr(cause, "full_key", None), getattr(cause, "parent_node", None)
+    if full_key and parent is not None and "not in struct" in str(cause):
+        section = full_key.rpartition(".")[0]
+        where = f"the {section} section" if section else "a run config"
+        return f"unknown key {full_key}; {where} takes: {', '.join(str(k) for k in parent.keys() if k != 'hydra')}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"bad override ({'; '.join(lines[:2]) or type(error).__name__})"
+
+
 def summary_line(run_dir: str, summary) -> str:
     """What `pyro-vae train` prints at the end of a run."""
     lp = summary.get("test_log_px")
@@ -45,60 +81,142 @@ def summary_line(run_dir: str, summary) -> str:
     return f"run {run_dir}: best epoch {summary['best_epoch']}, test ELBO {summary['test_elbo']:.2f}, {log_px}"
 
 
+def resume_changes(cfg, overrides, saved) -> dict:
+    """{dotted key: new value} for each command-line override whose value differs from the run's."""
+    def get(c, key):
+        for part in key.split("."):
+            c = c.get(part) if isinstance(c, dict) else None
+        return c
+
+    keys = {re.split(r"[=@]", arg.lstrip("+~"), maxsplit=1)[0] for arg in overrides}
+    return {key: get(cfg, key) for key in sorted(keys - {"resume"}) if get(cfg, key) != get(saved, key)}
+
+
+_stopping = []  # set once pyro-vae has decided to stop: later signals are ignored
+
+
+def _interrupt(signum, frame):
+    """SIGTERM as Ctrl-C, once; ignored while a stop is being handled (a lost rank, an error),
+    so the run's status and its one-line message are written whole."""
+    from .distributed import RankLost
+
+    if _stopping or isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit, RankLost)):
+        return
+    _stopping.append(signum)
+    raise KeyboardInterrupt("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
+
+
 def _train(argv) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    from .checkpoint import atomic_write_text
-    from .experiment import train_run
+    from .distributed import RankLost, teardown
+    from .experiment import RunFinished, RunInterrupted, resume_run, train_run
+    from .rundir import read_config, remove_if_empty
     from .train import TrainingDiverged
 
     check_group_overrides(argv)
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def app(cfg) -> None:
-        run_dir = HydraConfig.get().runtime.output_dir
-        atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+        hydra_dir = HydraConfig.get().runtime.output_dir  # made by Hydra; a run claims it, or a free neighbour
+        overrides = list(HydraConfig.get().overrides.task)
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+        resume = cfg.pop("resume")
         try:
-            summary = train_run(OmegaConf.to_container(cfg, resolve=True), run_dir, progress=cfg.progress)
+            if resume:
+                summary = resume_run(resume, changes=resume_changes(cfg, overrides, read_config(resume)))
+            else:
+                summary = train_run(cfg, hydra_dir, progress=cfg["progress"], overrides=overrides)
+        except RunFinished as e:
+            print(e)
+            return
+        except RunInterrupted as e:
+            fail(str(e), status=130)
         except (ValueError, FileNotFoundError, TrainingDiverged) as e:
             fail(str(e))
-        print(summary_line(run_dir, summary))
+        except RankLost as e:
+            fail(str(e), every_rank=True)
+        finally:
+            remove_if_empty(hydra_dir)
+            teardown()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(summary_line(summary["run_dir"], summary))
 
     sys.argv = [sys.argv[0], *argv]
-    app()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing a traceback: told in one line
+    try:
+        app()
+    except (HydraException, OmegaConfBaseException) as e:
+        fail(hydra_message(e))
 
 
 def _evaluate(argv) -> None:
+    from .distributed import teardown
     from .evaluation import evaluate_run
 
     parser = argparse.ArgumentParser(prog="pyro-vae evaluate", description="estimate test log p(x) of a run")
     parser.add_argument("run_dir")
     parser.add_argument("--num-samples", type=int, default=5000, help="importance samples K (default 5000)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the run's)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.error = fail
+    # data.KEY=VALUE: the run's data, moved or another of the same image size
+    data = {a.split("=", 1)[0][5:]: _yaml_value(a.split("=", 1)[1]) for a in argv if a.startswith("data.") and "=" in a}
+    argv = [a for a in argv if not (a.startswith("data.") and "=" in a)]
     # Hydra-style key=value, as in `pyro-vae evaluate RUN_DIR num_samples=5000`
     argv = [f"--{a.split('=', 1)[0].replace('_', '-')}={a.split('=', 1)[1]}" if re.fullmatch(r"\w+=.*", a)
             else a for a in argv]
     args = parser.parse_args(argv)
     try:
-        r = evaluate_run(args.run_dir, args.num_samples, progress=not args.no_progress)
+        r = evaluate_run(args.run_dir, args.num_samples, progress=not args.no_progress, data=data, device=args.device)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
+    finally:
+        teardown()
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun rank 0 reports
+        return
     print(f"test log p(x) = {r['log_px']['mean']:.3f} ± {r['log_px']['se']:.3f} nats (K={r['num_samples']}, "
           f"{r['num_test']} images); ELBO = {r['elbo']['mean']:.3f} ± {r['elbo']['se']:.3f}; "
           f"gap log p(x) - ELBO = {r['gap']:.3f}")
+
+
+def _yaml_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
 
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": _train, "evaluate": _evaluate}
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage:\n  " + "\n  ".join(USAGE))
+        print(HELP)
         return
     if argv[0] not in commands:
         fail(f"unknown command {argv[0]!r}; choose one of: {', '.join(commands)}")
-    commands[argv[0]](argv[1:])
+    saved = (warnings.formatwarning, signal.getsignal(signal.SIGTERM), os.environ.get("HYDRA_FULL_ERROR"),
+             signal.getsignal(signal.SIGINT))
+    warnings.formatwarning = _one_line_warnings
+    signal.signal(signal.SIGTERM, _interrupt)  # torchrun and schedulers stop with SIGTERM: stop like Ctrl-C
+    if saved[3] is signal.default_int_handler:  # Ctrl-C, unless the caller ignores it (a background job)
+        signal.signal(signal.SIGINT, _interrupt)
+    try:
+        commands[argv[0]](argv[1:])
+    except KeyboardInterrupt:  # outside a run (train: before its directory is claimed, or after its status)
+        fail(f"{argv[0]} interrupted", status=130)
+    finally:  # as they were, for a caller in the same process
+        warnings.formatwarning = saved[0]
+        signal.signal(signal.SIGTERM, saved[1])
+        signal.signal(signal.SIGINT, saved[3])
+        _stopping.clear()
+        if saved[2] is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved[2]
 
 
 if __name__ == "__main__":

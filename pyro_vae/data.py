@@ -21,8 +21,10 @@ The protocol:
 from __future__ import annotations
 
 import gzip
+import numbers
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -138,17 +140,25 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 
 def read_idx(path: str) -> np.ndarray:
-    """Read an IDX file (the MNIST format; gzipped if the name ends in .gz) into an array."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        raw = f.read()
+    """Read an IDX file (the MNIST format; gzipped if the name ends in .gz) into an array; a file
+    that is not IDX, or is cut short anywhere (header, data, gzip stream), is a one-line ``ValueError``."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as e:  # a truncated or corrupt .gz
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'ends early'}); "
+                         f"download the file again") from None
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number); use the original MNIST files")
-    ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path} is truncated: header says {dims}, found {data.size} values")
-    return data.reshape(dims)
+    ndim, header = raw[3], 4 + 4 * raw[3]
+    if len(raw) < header:
+        raise ValueError(f"{path} is truncated inside its header ({len(raw)} bytes, the header alone needs {header})")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    found = (len(raw) - header) // dtype.itemsize
+    if found != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: header says {dims}, found {found} values")
+    return np.frombuffer(raw, dtype=dtype, offset=header, count=found).reshape(dims)
 
 
 def _find_idx(directory: str, stem: str) -> str:
@@ -167,9 +177,14 @@ def _load_mnist(path: Optional[str]):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"mnist: directory {path} does not exist; pass data.path=DIR with the IDX files")
     arrays = {key: read_idx(_find_idx(path, stem)) for key, stem in IDX_FILES.items()}
+    for key, ndim in (("train_images", 3), ("train_labels", 1), ("test_images", 3), ("test_labels", 1)):
+        if arrays[key].ndim != ndim:
+            what = "images (N, rows, cols)" if ndim == 3 else "labels (N,)"
+            raise ValueError(f"mnist: {_find_idx(path, IDX_FILES[key])} holds an array of shape {arrays[key].shape}, "
+                             f"not {what}; is it the right file?")
     for part in ("train", "test"):
         images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
-        if images.ndim != 3 or len(images) != len(labels):
+        if len(images) != len(labels):
             raise ValueError(f"mnist: {part} images {images.shape} and labels {labels.shape} do not match")
     shape = arrays["train_images"].shape[1:]
     flat = lambda a: a.reshape(len(a), -1) / 255.0  # noqa: E731
@@ -191,13 +206,18 @@ def validation_mask(labels: np.ndarray, val_fraction: float) -> np.ndarray:
     return mask
 
 
-def load_dataset(name: str, path: Optional[str] = None, val_fraction: float = 0.1) -> Splits:
-    """Load dataset ``name`` (one of DATASETS) with its protocol splits."""
+def check_data_options(name: str, val_fraction: float) -> None:
+    """A one-line ``ValueError`` unless ``name`` is one of DATASETS and 0 <= ``val_fraction`` < 1."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
-    if not 0 <= val_fraction < 1:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0 <= val_fraction < 1:
         raise ValueError(f"data.val_fraction must lie in [0, 1), got {val_fraction!r}; "
                          f"e.g. 0.1 holds out 10% of each label")
+
+
+def load_dataset(name: str, path: Optional[str] = None, val_fraction: float = 0.1) -> Splits:
+    """Load dataset ``name`` (one of DATASETS) with its protocol splits."""
+    check_data_options(name, val_fraction)
     (train_x, train_y), (test_x, test_y), shape = (
         _load_mnist(path) if name == "mnist" else DATASETS[name]()
     )

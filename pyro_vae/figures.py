@@ -96,7 +96,9 @@ def latent_space(z: np.ndarray, labels: np.ndarray, path: str):
 
 
 def plot_log_px_vs_k(results, exact: float | None = None, ax=None, title: str | None = None):
-    """Draw the dataset mean of log p̂_K(x) against K (log axis), ±1 standard error over data points.
+    """Draw the dataset mean of log p̂_K(x) against K (log axis), with error bars of ±1 standard
+    error of the mean difference log p̂_K(x) − log p̂_Kmax(x) over data points (paired: the spread
+    of log p(x) across the points cancels, so the bars say whether the curve still rises with K).
 
     E[log p̂_K] is a lower bound that rises with K toward log p(x) (K = 1: the ELBO). Each curve is
     computed from the first K particles of one estimate (``LogPxEstimate.log_px_by_k``).
@@ -116,13 +118,14 @@ def plot_log_px_vs_k(results, exact: float | None = None, ax=None, title: str | 
             raise ValueError(f"result {label!r} has no log_px_by_k (method={result.method!r}); "
                              f"plot an importance-sampling estimate, or pass the exact value as exact=")
         ks = sorted(result.log_px_by_k)
-        stats = [mean_se(result.log_px_by_k[k]) for k in ks]
-        ax.errorbar(ks, [s["mean"] for s in stats], yerr=[s["se"] for s in stats], marker="o", capsize=3,
+        top = result.log_px_by_k[ks[-1]]
+        ax.errorbar(ks, [mean_se(result.log_px_by_k[k])["mean"] for k in ks],
+                    yerr=[mean_se(result.log_px_by_k[k] - top)["se"] for k in ks], marker="o", capsize=3,
                     label=f"{label} (K ≤ {result.num_samples})")
     if exact is not None:
         ax.axhline(exact, color="k", linestyle="--", linewidth=1, label="exact log p(x)")
     ax.set_xscale("log")
-    ax.set_xlabel("number of samples K")
+    ax.set_xlabel("number of samples K\n(bars: ±1 s.e. of the mean of log p̂_K − log p̂_Kmax, paired over points)")
     ax.set_ylabel("mean log p̂_K(x)  [nats]")
     ax.set_title(title or "importance-weighted log p(x) estimate vs K")
     ax.legend(fontsize="small")

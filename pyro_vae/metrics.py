@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, List
+import time
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -27,24 +28,55 @@ def mean_se(values) -> Dict[str, float]:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str, tensorboard: bool = True):
+    """metrics.jsonl and tensorboard/ of a run directory, one record per epoch.
+
+    :param run_dir: the run directory.
+    :param records: the records of the epochs already run, when a run resumes: metrics.jsonl is
+        rewritten with exactly these (the epochs after them, which will be run again, are dropped)
+        and the TensorBoard events are written afresh from them, at ``walltimes``, in a new events
+        file that replaces the old ones, so no epoch appears twice in either.
+    :param walltimes: the time each of ``records`` was first logged (seconds since the epoch).
+    """
+
+    def __init__(self, run_dir: str, tensorboard: bool = True, records: Sequence[Dict[str, float]] = (),
+                 walltimes: Optional[Sequence[float]] = None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.records: List[Dict[str, float]] = []
-        self.writer = None
+        self.walltimes: List[float] = []
+        self.writer, old = None, []
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            directory = os.path.join(run_dir, "tensorboard")
+            old = [os.path.join(directory, f) for f in os.listdir(directory)] if os.path.isdir(directory) else []
+            self.writer = SummaryWriter(directory)
+        for record, walltime in zip(records, walltimes or [None] * len(records)):
+            self._add(record, walltime)
+        self._write()
+        if self.writer is not None:
+            self.writer.flush()
+        for path in old:  # superseded by the events just written
+            if os.path.basename(path).startswith("events.out.tfevents"):
+                os.unlink(path)
 
     def log(self, record: Dict[str, float]) -> None:
+        self._add(record)
+        self._write()
+        if self.writer is not None:
+            self.writer.flush()
+
+    def _add(self, record: Dict[str, float], walltime: Optional[float] = None) -> None:
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        walltime = time.time() if walltime is None else walltime
         self.records.append(record)
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        self.walltimes.append(walltime)
         if self.writer is not None:
             for key, value in record.items():
                 if key != "epoch" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key.replace("_", "/", 1), value, record["epoch"])
-            self.writer.flush()
+                    self.writer.add_scalar(key.replace("_", "/", 1), value, record["epoch"], walltime=walltime)
+
+    def _write(self) -> None:
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def close(self) -> None:
         if self.writer is not None:

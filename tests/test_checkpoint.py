@@ -1,6 +1,7 @@
 """Checkpoints: round trip, atomic writes, and refusal of pickled objects."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -61,3 +62,24 @@ def test_missing_and_foreign_files(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a pyro-vae checkpoint"):
         load_checkpoint(str(tmp_path / "other.pt"))
+
+
+def test_the_refusal_does_not_pass_on_torchs_advice_to_load_unsafely(tmp_path):
+    path = str(tmp_path / "evil.pt")
+    torch.save({"payload": _RunsCodeWhenUnpickled(str(tmp_path / "code-ran"))}, path)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "weights_only" not in message and "\n" not in message
+    assert re.search(r"GLOBAL (builtins|io)\.open", message) and message.endswith("only load files written by pyro-vae")
+
+
+@pytest.mark.parametrize("cut", [0, 10, 0.5, -1])
+def test_a_truncated_or_empty_checkpoint_is_one_line(tiny_vae, tmp_path, cut):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, tiny_vae().state_dict(), epoch=1)
+    data = open(path, "rb").read()
+    n = int(len(data) * cut) if isinstance(cut, float) else cut % len(data) if cut < 0 else cut
+    open(path, "wb").write(data[:n])
+    with pytest.raises(ValueError, match=rf"^{path} is damaged \({n} bytes, .*\): it was truncated or overwritten; "):
+        load_checkpoint(path)

@@ -3,17 +3,17 @@ and bad names or paths give one-line errors. The subprocess tests are marked ``h
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
-FAST = ["train.epochs=2", "model.hidden=[16]", "model.latent_dim=2", "eval.num_samples=10", "progress=false"]
-
-
-def pyro_vae(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "pyro_vae.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+from helpers import ENV, FAST, no_run_left, one_line_error, pyro_vae
+from pyro_vae.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +75,153 @@ def test_sweep_makes_one_run_per_seed(tmp_path):
     (["train", "prior=vampp"], "unknown prior 'vampp'; choose one of: "),
     (["train", "data=cifar"], "unknown data 'cifar'; choose one of: digits, mnist, mnist5k"),
     (["train", "data=mnist", "data.path=/no/such/dir"], "mnist: directory /no/such/dir does not exist"),
+    (["train", "train.epoch=5"], "unknown key train.epoch; the train section takes: epochs, batch_size,"),
+    (["train", "train.epochs=abc"], "train.epochs must be an integer >= 1, got 'abc'"),
     (["fly"], "unknown command 'fly'; choose one of: train, evaluate"),
     (["evaluate", "/no/such/run"], "no checkpoint at /no/such/run/checkpoint.pt"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
-    out = pyro_vae(*args, *(FAST if args[0] == "train" else []), cwd=tmp_path)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], out.stderr
+    """In a real subprocess: exit status 2, one line on stderr, no traceback, no run directory."""
+    out = pyro_vae(args[0], *(FAST if args[0] == "train" else []), *args[1:], cwd=tmp_path)
+    one_line_error(out, message)
+    assert no_run_left(tmp_path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.batch_size=0"], "train.batch_size must be an integer >= 1, got 0"),
+    (["train.epochs=0"], "train.epochs must be an integer >= 1, got 0"),
+    (["+train.epoch=5"], "unknown key train.epoch; the train section takes: epochs, batch_size, lr,"),
+    (["train.epoch=5"], "unknown key train.epoch; the train section takes: epochs, batch_size, lr,"),
+    (["+foo=1"], "unknown key foo; a run config takes: seed, device, progress, data,"),
+    (["foo=1"], "unknown key foo; a run config takes: data,"),
+    (["train.epochs=["], "bad override (no viable alternative at input '['"),
+    (["train.lr=-1"], "train.lr must be a number >= 0, got -1"),
+    (["model.latent_dim=0"], "model.latent_dim must be an integer >= 1, got 0"),
+    (["model.hidden=[16,0]"], "model.hidden must be an integer >= 1, got 0"),
+    (["eval.num_samples=0"], "eval.num_samples must be an integer >= 1, got 0"),
+    (["seed=-1"], "seed must be an integer >= 0, got -1"),
+    (["device=tpu"], "device must be cpu, cuda or cuda:N, got 'tpu'"),
+    (["progress=maybe"], "progress must be true or false, got 'maybe'"),
+    (["prior=vamp", "prior.num_components=0"], "prior.num_components must be an integer >= 1, got 0"),
+    (["resume=nowhere"], "nowhere does not exist: it is not a pyro-vae run directory"),
+])
+def test_every_config_mistake_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, args, message):
+    """The CLI in this process (the subprocess tests above show the same path has no traceback):
+    each mistake is one line naming the key and the bad value, and no run directory is left."""
+    from pyro_vae import cli, experiment
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(experiment, "fit", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", *FAST, *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert no_run_left(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_one_line(tmp_path, monkeypatch, capsys):
+    from pyro_vae import cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        cli.main(["train", *FAST, "device=cuda"])
+    err = capsys.readouterr().err.strip()
+    assert err == (f"pyro-vae: error: device=cuda but torch sees no CUDA GPU on this machine (torch "
+                   f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use device=cpu")
+
+
+def test_help_says_what_each_command_does(capsys):
+    from pyro_vae import cli
+
+    cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "train     train a model" in out and "evaluate  estimate the test log p(x)" in out
+    assert "`pyro-vae train --help` lists every choice" in out
+
+
+@pytest.mark.heavy
+def test_train_help_lists_every_choice(tmp_path):
+    out = pyro_vae("train", "--help", cwd=tmp_path)
+    assert out.returncode == 0
+    for group in ("data: digits, mnist, mnist5k", "prior: flow, mixture, standard_normal, vamp",
+                  "objective: elbo, iwae, mean_field", "resume=RUN_DIR"):
+        assert group in out.stdout, group
+
+
+@pytest.mark.heavy
+def test_two_runs_started_at_once_get_a_directory_each(tmp_path):
+    """Two `pyro-vae train` processes asking for the same directory at the same moment: each gets a
+    directory of its own (run, run-1), with its own config, checkpoint and events."""
+    argv = [sys.executable, "-m", "pyro_vae.cli", "train", *FAST, "eval.num_samples=null", "hydra.run.dir=run"]
+    procs = [subprocess.Popen([*argv, f"seed={seed}"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for seed in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sorted(os.listdir(tmp_path)) == ["run", "run-1"]
+    seeds = set()
+    for name in ("run", "run-1"):
+        run = tmp_path / name
+        cfg = OmegaConf.load(run / "config.yaml")
+        seeds.add(cfg.seed)
+        assert load_checkpoint(str(run / "checkpoint.pt"))[1]["config"]["seed"] == cfg.seed
+        assert json.loads((run / "status.json").read_text())["status"] == "finished"
+        assert len(os.listdir(run / "tensorboard")) == 1
+        assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert seeds == {0, 1}
+    assert sorted(f"run {tmp_path / name}:" in outs[0][0] + outs[1][0] for name in ("run", "run-1")) == [True, True]
+
+
+@pytest.mark.heavy
+def test_evaluate_refuses_a_damaged_checkpoint_in_one_line(run_dir, tmp_path):
+    good = (run_dir / "checkpoint.pt").read_bytes()
+    for name, data in (("truncated", good[: len(good) // 2]), ("empty", b"")):
+        broken = tmp_path / name
+        broken.mkdir()
+        (broken / "checkpoint.pt").write_bytes(data)
+        out = pyro_vae("evaluate", str(broken), "num_samples=10", cwd=tmp_path)
+        one_line_error(out, f"{broken / 'checkpoint.pt'} is damaged ({len(data)} bytes",
+                       "it was truncated or overwritten")
+
+
+@pytest.mark.heavy
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
+    """SIGINT during training: exit status 130, one line saying where the run stands; status.json
+    says interrupted, what was written is intact, and `resume=` finishes the run."""
+    argv = [sys.executable, "-m", "pyro_vae.cli", "train", *FAST, "train.epochs=30", "train.early_stopping=false",
+            "eval.num_samples=null", "hydra.run.dir=run"]
+    # Ctrl-C's default in the child even when this test runs as a background job (which ignores SIGINT)
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_for(lambda: (tmp_path / "run" / "state.pt").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1, err
+    assert lines[0].startswith(f"pyro-vae: error: stopped by Ctrl-C; {tmp_path / 'run'} keeps epochs 1-")
+    assert lines[0].endswith(f"continue with `pyro-vae train resume={tmp_path / 'run'}`")
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["epoch"] >= 1
+    state, meta = load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
+    assert meta["epoch"] == status["best_epoch"]
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, status["epoch"] + 1))
+    out = pyro_vae("train", "resume=run", "train.epochs=3", cwd=tmp_path)
+    one_line_error(out, f"train.epochs=3 would change what run {tmp_path / 'run'} computes")
+    out = pyro_vae("train", "resume=run", "train.epochs=30", cwd=tmp_path)  # the run's own value: no change
+    assert out.returncode == 0 and out.stdout.startswith(f"run {tmp_path / 'run'}: best epoch"), out.stderr
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 31))
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "finished"
+
+
+def wait_for(condition, proc, timeout=120.0):
+    """Poll ``condition`` until it holds (the subprocess must still be running)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the subprocess did not get there"
+        time.sleep(0.05)
 
 
 def test_the_summary_line_says_when_log_px_was_skipped():

@@ -136,3 +136,38 @@ def test_read_idx_rejects_bad_files(tmp_path):
     (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-2])
     with pytest.raises(ValueError, match="truncated"):
         read_idx(str(tmp_path / "short"))
+
+
+def write_mnist(directory, n_train=40, n_test=10, gz=False):
+    """The four MNIST IDX files, of random images, in ``directory``."""
+    rng = np.random.RandomState(0)
+    suffix = ".gz" if gz else ""
+    for stem, array in (("train-images-idx3-ubyte", rng.randint(0, 256, (n_train, 28, 28))),
+                        ("train-labels-idx1-ubyte", np.arange(n_train) % 10),
+                        ("t10k-images-idx3-ubyte", rng.randint(0, 256, (n_test, 28, 28))),
+                        ("t10k-labels-idx1-ubyte", np.arange(n_test) % 10)):
+        _write_idx(directory / f"{stem}{suffix}", array, gz)
+
+
+@pytest.mark.parametrize("cut", [1, 5, 11])
+def test_an_idx_file_cut_inside_its_header_is_one_line(tmp_path, cut):
+    _write_idx(tmp_path / "images", np.zeros((2, 28, 28)))  # a 16-byte header
+    (tmp_path / "images").write_bytes((tmp_path / "images").read_bytes()[:cut])
+    message = "not an IDX file" if cut < 4 else r"truncated inside its header \(%d bytes, the header alone needs 16\)" % cut
+    with pytest.raises(ValueError, match=message):
+        read_idx(str(tmp_path / "images"))
+
+
+def test_a_truncated_gz_is_one_line(tmp_path):
+    write_mnist(tmp_path, gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match=f"^{path} cannot be read .*; download the file again$"):
+        load_dataset("mnist", str(tmp_path))
+
+
+def test_an_image_file_where_the_labels_should_be_is_named(tmp_path):
+    write_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes((tmp_path / "t10k-images-idx3-ubyte").read_bytes())
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte holds an array of shape \(10, 28, 28\), not labels"):
+        load_dataset("mnist", str(tmp_path))

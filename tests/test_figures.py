@@ -49,7 +49,8 @@ def test_log_px_vs_k_plots_the_mean_and_se_of_each_prefix(estimates, tmp_path):
         np.testing.assert_array_equal(line.get_xdata(), ks)
         np.testing.assert_allclose(np.asarray(line.get_ydata(), float), [s["mean"] for s in stats], rtol=1e-12)
         half_widths = [(seg[1, 1] - seg[0, 1]) / 2 for seg in bars.get_segments()]
-        np.testing.assert_allclose(half_widths, [s["se"] for s in stats], rtol=1e-9)
+        paired = [mean_se(result.log_px_by_k[k] - result.log_px_by_k[ks[-1]])["se"] for k in ks]  # to the largest K
+        np.testing.assert_allclose(half_widths, paired, rtol=1e-9, atol=1e-12)
         assert container.get_label() == f"{label} (K ≤ 100)"
     assert [tuple(line.get_ydata()) for line in ax.lines if line.get_linestyle() == "--"] == [(exact, exact)]
     assert ax.get_xscale() == "log"

@@ -9,11 +9,14 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
+from helpers import run_config
 from pyro_vae import evaluation, experiment
 from pyro_vae.build import build_model
 from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_vae.config import check_config
 from pyro_vae.data import Splits, check_and_binarize, load_dataset
 from pyro_vae.objectives import IWAE, Objective, TraceELBO
+from pyro_vae.rundir import read_status
 from pyro_vae.train import TrainConfig, TrainingDiverged, fit, train_epoch
 
 
@@ -138,17 +141,6 @@ def test_train_config_refuses_bad_values_in_one_line():
 
 # --- the run: config -> data -> model -> fit -> evaluation -> files ------------------------------
 
-def run_config(**sections):
-    cfg = {"seed": 3, "data": {"name": "digits", "path": None, "val_fraction": 0.1},
-           "model": {"latent_dim": 2, "hidden": [8], "activation": "tanh"},
-           "prior": {"name": "standard_normal"}, "guide": {"name": "diagonal_normal"},
-           "likelihood": {"name": "bernoulli"}, "objective": {"name": "elbo"},
-           "train": {"epochs": 3, "batch_size": 100, "lr": 3e-3, "patience": 2}, "eval": {"num_samples": 7}}
-    for name, values in sections.items():
-        cfg[name] = {**cfg[name], **values} if isinstance(values, dict) else values
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("run"))
@@ -159,26 +151,27 @@ def trained(tmp_path_factory):
 def test_the_run_writes_the_best_epoch_with_its_config_once(trained):
     cfg, run_dir, summary = trained
     state, meta = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
-    assert meta["config"] == cfg and meta["epoch"] == summary["best_epoch"]
+    assert meta["config"] == check_config(cfg) and meta["epoch"] == summary["best_epoch"]
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert meta["metrics"] == lines[summary["best_epoch"] - 1]
     assert summary["selection_metric"] == "val_elbo" and summary["best_val_elbo"] == meta["metrics"]["val_elbo"]
     vae, loaded_cfg, splits = evaluation.load_run(run_dir)
-    assert loaded_cfg == cfg and len(splits.val_x) == len(load_dataset("digits").val_x)
+    assert loaded_cfg == check_config(cfg) and len(splits.val_x) == len(load_dataset("digits").val_x)
     for k, v in vae.state_dict().items():
         torch.testing.assert_close(v, state[k])
 
 
 def test_each_phase_is_seeded_with_the_run_seed(trained):
-    """Initialization and training each start from torch.manual_seed(seed): rebuilding the phases by
-    hand gives the run's metrics exactly; the evaluation phase, repeated by evaluate_run from the
-    checkpoint, gives the summary's test ELBO and log p(x) exactly."""
+    """Initialization starts from torch.manual_seed(seed) and training from fit(seed=seed): rebuilding
+    the phases by hand gives the run's metrics exactly; the evaluation phase, repeated by evaluate_run
+    from the checkpoint, gives the summary's test ELBO and log p(x) exactly."""
     cfg, run_dir, summary = trained
     torch.manual_seed(cfg["seed"])
     vae = build_model(cfg, 64)
     data = check_and_binarize(load_dataset("digits"), vae.likelihood)
-    torch.manual_seed(cfg["seed"])
-    result = fit(vae, data, experiment.build_objective(cfg), TrainConfig(**cfg["train"]), progress=False)
+    torch.manual_seed(12345)  # fit draws from its seed, not from the global generator as it stands
+    result = fit(vae, data, experiment.build_objective(cfg), TrainConfig(**cfg["train"]), progress=False,
+                 seed=cfg["seed"])
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [{k: r[k] for k in ("train_objective", "val_elbo")} for r in result.history] == \
         [{k: r[k] for k in ("train_objective", "val_elbo")} for r in lines]
@@ -192,6 +185,7 @@ def test_num_samples_null_skips_the_test_log_px(tmp_path):
     summary = experiment.train_run(run_config(train={"epochs": 1}, eval={"num_samples": None}), str(tmp_path),
                                    progress=False)
     assert "test_log_px" not in summary and math.isfinite(summary["test_elbo"])
+    assert summary.pop("run_dir") == str(tmp_path)
     assert json.load(open(tmp_path / "summary.json")) == summary
 
 
@@ -218,8 +212,8 @@ def test_a_checkpoint_from_before_val_fraction_moved_still_loads(trained, tmp_pa
 
 def test_eval_num_samples_is_checked_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"eval.num_samples must be an integer >= 1, got 0"):
-        experiment.train_run(run_config(eval={"num_samples": 0}), str(tmp_path), progress=False)
-    assert not os.path.exists(tmp_path / "checkpoint.pt")
+        experiment.train_run(run_config(eval={"num_samples": 0}), str(tmp_path / "run"), progress=False)
+    assert not os.path.exists(tmp_path / "run")  # no run directory for a run that never started
 
 
 @pytest.mark.parametrize("split", ["train_x", "val_x", "test_x"])
@@ -232,8 +226,8 @@ def test_bad_data_is_refused_before_training(small_digits, tmp_path, monkeypatch
     monkeypatch.setattr(experiment, "load_splits", lambda cfg: broken)
     what = {"train_x": "train", "val_x": "validation", "test_x": "test"}[split]
     with pytest.raises(ValueError, match=f"digits {what} data .*{message}"):
-        experiment.train_run(run_config(), str(tmp_path), progress=False)
-    assert not os.path.exists(tmp_path / "checkpoint.pt")
+        experiment.train_run(run_config(), str(tmp_path / "run"), progress=False)
+    assert not os.path.exists(tmp_path / "run")
 
 
 class _ExplodesAtEpoch3(Objective):
@@ -258,7 +252,10 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(tmp_path, m
         experiment.train_run(cfg, str(tmp_path), progress=False)
     assert "is intact" in str(info.value) and "\n" not in str(info.value)
     state, meta = load_checkpoint(str(tmp_path / "checkpoint.pt"))
-    assert meta["epoch"] == info.value.result.best_epoch and meta["epoch"] in (1, 2) and meta["config"] == cfg
+    assert meta["epoch"] == info.value.result.best_epoch and meta["epoch"] in (1, 2)
+    assert meta["config"] == check_config(cfg)
+    status = read_status(str(tmp_path))
+    assert status["status"] == "failed" and "became nan at epoch 3" in status["message"]
     assert all(torch.isfinite(v).all() for v in state.values())
     for k, v in info.value.result.best_state.items():
         torch.testing.assert_close(v, state[k])

@@ -79,7 +79,7 @@ def train(conf, variant, seeds, epochs, num_samples):
         start = time.perf_counter()
         summary = train_run(cfg, run_dir, progress=False)
         trained = time.perf_counter()
-        result = evaluate_run(run_dir, num_samples, progress=False)
+        result = evaluate_run(summary["run_dir"], num_samples, progress=False)  # run_dir-1 if run_dir held a run
         print(f"{variant} seed {seed}: best epoch {summary['best_epoch']}/{summary['epochs_run']}, test ELBO "
               f"{summary['test_elbo']:.2f}, log p(x) {result['log_px']['mean']:.2f} (K={num_samples}); "
               f"train {trained - start:.0f} s, eval {time.perf_counter() - trained:.0f} s", flush=True)
