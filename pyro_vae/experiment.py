@@ -76,6 +76,7 @@ def train_run(cfg: Mapping[str, Any], run_dir: str, progress: bool = True) -> Di
     vae = build_model(cfg, splits.data_dim).to(device)
     objective = build_objective(cfg)
     data = check_and_binarize(splits, vae.likelihood, device)
+    vae.initialize(data)  # a model's start from the training data (e.g. the GMVAE's pretraining), in this phase
     os.makedirs(run_dir, exist_ok=True)
     checkpoint = os.path.join(run_dir, "checkpoint.pt")
 
