@@ -58,7 +58,7 @@ def vae(cfg: Mapping[str, Any], data_dim: int, latent_dim: int = 10, hidden: Seq
 @MODELS.register("gmvae")
 def gmvae(cfg: Mapping[str, Any], data_dim: int, latent_dim: int = 10, hidden: Sequence[int] = (200, 200),
           activation: str = "tanh", num_clusters: int = 10, prior_spread: float = 0.0,
-          embedding_std: float = 1.0, learn_weights: bool = False, init: str = "vade", pretrain_epochs: int = 50,
+          embedding_std: float = 1.0, learn_weights: bool = False, init: str = "vade", pretrain_epochs: int = 100,
           warmup_epochs: int = 20, gmm_restarts: int = 5) -> GMVAE:
     """A :class:`pyro_vae.gmvae.GMVAE` of the ``likelihood`` section; ``init`` chooses its start
     from the data, and the last three options are those of ``init=vade``

@@ -4,8 +4,12 @@ epochs, on the training images, when ``model.init`` is ``vade`` (the default of 
 With f(x) the mean of q(z | x, c) when its per-cluster vectors e_c are 0 (one encoder for every
 c) and p(x | z) the decoder:
 
-1. **autoencoder**: ``pretrain_epochs`` epochs of  max Σ_n log p(x_n | z = f(x_n))  over f and the
-   decoder (minibatches of 100, Adam at lr 1e-3, binary data binarized afresh per batch);
+1. **autoencoder**: ``pretrain_epochs`` epochs of  max Σ_n log p(g_n | z = f(x_n))  over f and the
+   decoder (minibatches of 100, Adam at lr 1e-3). For a binary likelihood x_n ~ Bernoulli(g_n) is
+   a fresh binarization of the grey image g_n and the decoder is scored on g_n itself:
+   log p(g | z) = Σ_d g_d log p_d + (1 − g_d) log(1 − p_d) = E_{x' ~ Bernoulli(g)} log p(x' | z), the
+   expected log-likelihood of an independent binarization. That is a denoising autoencoder whose
+   corruption is the binarization (DEC and VaDE pretrain a denoising one); otherwise x_n = g_n;
 2. **mixture on the codes**: scikit-learn's ``GaussianMixture`` (diagonal covariances, the best of
    ``gmm_restarts`` k-means-started fits) on the codes f(x_n) of the training images; p(z | c)
    starts at its components N(m_c, diag v_c), e_c at 0, and q(z | x, c) at N(f(x), s0² I) with
@@ -29,14 +33,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Dict, List
 
+import pyro
 import torch
 import torch.nn.functional as F
 
 from .checks import positive_int
 from .guides import MIN_SCALE
-from .train import train_epoch
+from .train import TrainingDiverged
 
 __all__ = ["INITS", "VaDEInit", "cluster_statistics"]
 
@@ -60,17 +65,6 @@ def cluster_statistics(g, x: torch.Tensor) -> Dict[str, object]:
             "clusters_used": int((occupancy > 0).sum())}
 
 
-class _PerPointLoss:
-    """An objective for :func:`pyro_vae.train.train_epoch` from a per-point loss ``loss(x)`` (N,):
-    the trainer's step divides by num_data, so the step minimizes the batch mean."""
-
-    def __init__(self, loss: Callable[[torch.Tensor], torch.Tensor]):
-        self.loss = loss
-
-    def differentiable_loss(self, model, guide, x, num_data):
-        return self.loss(x).mean() * num_data
-
-
 @dataclass
 class VaDEInit:
     """The VaDE-style start (module docstring); ``init(g, train_x)`` runs it on a GMVAE ``g`` and
@@ -82,7 +76,7 @@ class VaDEInit:
     :param gmm_restarts: fits of the Gaussian mixture; the one of highest likelihood is kept.
     """
 
-    pretrain_epochs: int = 50
+    pretrain_epochs: int = 100
     warmup_epochs: int = 20
     gmm_restarts: int = 5
 
@@ -100,29 +94,29 @@ class VaDEInit:
         def codes(x):
             return encoder(x, zero).mean
 
-        history = {"autoencoder_loss": self._epochs(
-            g, lambda x: -g.likelihood(codes(x)).log_prob(x),
-            [p for name, p in encoder.named_parameters() if not name.startswith("cluster.")]
-            + list(g.likelihood.parameters()), train_x, self.pretrain_epochs)}
+        autoencoder = [p for name, p in encoder.named_parameters() if not name.startswith("cluster.")]
+        history = {"autoencoder_loss": _epochs(g, lambda x, grey: -g.likelihood(codes(x)).log_prob(grey),
+                                               autoencoder + list(g.likelihood.parameters()), train_x,
+                                               self.pretrain_epochs)}
         with torch.no_grad():
             x = torch.bernoulli(train_x) if g.likelihood.binarize else train_x
             history["mixture_log_likelihood"] = [self._fit_mixture(g, codes(x))]
 
-        def cross_entropy(x):
+        def cross_entropy(x, grey):
             with torch.no_grad():
                 z = codes(x)
                 gamma = (g.cluster_prior().logits + g.latent_prior(g._all_clusters()).log_prob(z).T).softmax(-1)
             return -(gamma * F.log_softmax(g.cluster_encoder(x), -1)).sum(-1)
 
-        history["cluster_cross_entropy"] = self._epochs(g, cross_entropy, g.cluster_encoder.parameters(),
-                                                        train_x, self.pretrain_epochs)
+        history["cluster_cross_entropy"] = _epochs(g, cross_entropy, g.cluster_encoder.parameters(), train_x,
+                                                   self.pretrain_epochs)
         history["warmup"] = []
         trainable = [p for name, p in g.named_parameters() if name != "weight_logits"]  # π stays uniform
         optimizer = torch.optim.Adam(trainable, lr=LR)
         for epoch in range(1, self.warmup_epochs + 1):
             weight = epoch / self.warmup_epochs
-            loss = self._epochs(g, lambda x: -g.enumerated_elbo(x, cluster_kl_weight=weight), None, train_x, 1,
-                                optimizer)[0]
+            loss = _epochs(g, lambda x, grey: -g.enumerated_elbo(x, cluster_kl_weight=weight), optimizer, train_x,
+                           1)[0]
             record = {"epoch": epoch, "cluster_kl_weight": weight, "train_loss": loss}
             if stats_x is not None:
                 g.eval()
@@ -130,17 +124,6 @@ class VaDEInit:
             history["warmup"].append(record)
         history["seconds"] = [round(time.perf_counter() - start, 2)]
         return history
-
-    @staticmethod
-    def _epochs(g, loss, parameters, train_x, epochs, optimizer=None) -> List[float]:
-        """``epochs`` passes of Adam on the per-point ``loss`` (over ``parameters`` unless an
-        ``optimizer`` is given); the mean loss of each pass."""
-        optimizer = optimizer or torch.optim.Adam(list(parameters), lr=LR)
-        g.train()
-        losses = [-train_epoch(g, _PerPointLoss(loss), optimizer, train_x, BATCH_SIZE, epoch)
-                  for epoch in range(1, epochs + 1)]
-        g.eval()
-        return losses
 
     def _fit_mixture(self, g, codes: torch.Tensor) -> float:
         """Fit the Gaussian mixture to the codes and start p(z | c) and q(z | x, c)'s scale there;
@@ -158,6 +141,31 @@ class VaDEInit:
         last.weight[L:].zero_()
         last.bias[L:].fill_(math.log(math.expm1(SCALE_FRACTION * scales.mean().item())))
         return float(gmm.score(codes.cpu().double().numpy()))
+
+
+def _epochs(g, loss, parameters, train_x: torch.Tensor, epochs: int) -> List[float]:
+    """``epochs`` passes over ``train_x`` (grey rows) in random minibatches, each an Adam step on
+    the batch mean of ``loss(x, grey)``, x binarized afresh from the grey rows when the likelihood is
+    binary (else x = grey); the mean loss of each pass. ``parameters``: an optimizer, or the
+    parameters of a new one."""
+    optimizer = parameters if isinstance(parameters, torch.optim.Optimizer) else torch.optim.Adam(parameters, lr=LR)
+    losses = []
+    g.train()
+    with pyro.validation_enabled(False):  # grey targets: the Bernoulli's log_prob is then -BCE
+        for epoch in range(epochs):
+            total = 0.0
+            for idx in torch.randperm(len(train_x), device=train_x.device).split(BATCH_SIZE):
+                grey = train_x[idx]
+                value = loss(torch.bernoulli(grey) if g.likelihood.binarize else grey, grey).mean()
+                if not torch.isfinite(value):
+                    raise TrainingDiverged(f"the GMVAE's start diverged: loss {value.item()} in pass {epoch + 1}")
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                optimizer.step()
+                total += value.item() * len(idx)
+            losses.append(total / len(train_x))
+    g.eval()
+    return losses
 
 
 def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:

@@ -2,15 +2,17 @@
 without a worse log p(x) than the VAE of the same size?
 
     python experiments/gmvae/run.py train MODEL DATASET --seeds 0 1 2   # pyro-vae train, one run per seed
+                                       [--set KEY=VALUE .. --tag NAME]  # a variant: more overrides
     python experiments/gmvae/run.py diagnose DATASET [--init random] [--epochs N]
     python experiments/gmvae/run.py table                             # figures/results.json from the runs
 
 ``train`` runs the command line itself (``pyro-vae train model=MODEL data=DATASET seed=S`` plus the
 overrides of config.yaml), so what is measured is the defaults of ``model=gmvae``; the runs go to
-runs/gmvae/<model>_<dataset>/seed<S> (git-ignored) and each summary.json holds the test log p(x)
+runs/gmvae/<model>_<dataset>[_<tag>]/seed<S> (git-ignored) and each summary.json holds the test log p(x)
 and, for the GMVAE, the clustering (accuracy, occupancy, k-means on the pixels of the same split).
 ``diagnose`` trains one GMVAE (seed 0) in-process and records, after every epoch, what q(c|x) does
-on the validation set (``GMVAE.cluster_statistics``: entropy, KL(q(c|x) || p(c)), occupancy):
+on the validation set (``GMVAE.cluster_statistics``: entropy, KL(q(c|x) || p(c)), occupancy;
+and the cluster accuracy):
 figures/diagnosis_<dataset>_<init>.json and .png. ``table`` collects every finished run into
 figures/results.json: per seed and the mean ± standard error over seeds.
 """
@@ -46,10 +48,13 @@ def overrides(conf, model, dataset, seed):
             *extra.get(model, [])]
 
 
-def train(conf, model, dataset, seeds):
+def train(conf, model, dataset, seeds, extra=(), tag=None):
+    """One ``pyro-vae train`` per seed into runs/gmvae/<model>_<dataset>[_<tag>]/seed<S>; ``extra``
+    overrides (``model.warmup_epochs=0``, ...) go last, so they win."""
     for seed in seeds:
-        run_dir = os.path.join(RUNS, f"{model}_{dataset}", f"seed{seed}")
-        args = overrides(conf, model, dataset, seed) + [f"hydra.run.dir={run_dir}"]
+        name = f"{model}_{dataset}" + (f"_{tag}" if tag else "")
+        run_dir = os.path.join(RUNS, name, f"seed{seed}")
+        args = overrides(conf, model, dataset, seed) + list(extra) + [f"hydra.run.dir={run_dir}"]
         print("pyro-vae train " + " ".join(args), flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(conf.get("threads", 1))}  # one torch thread per run
         subprocess.run([sys.executable, "-m", "pyro_vae.cli", "train", *args], cwd=ROOT, env=env, check=True)
@@ -61,6 +66,7 @@ def diagnose(conf, dataset, init, epochs):
     from omegaconf import OmegaConf
 
     from pyro_vae import build_model, build_objective, check_and_binarize
+    from pyro_vae.clustering import cluster_accuracy
     from pyro_vae.data import load_splits
     from pyro_vae.train import TrainConfig, fit
 
@@ -76,10 +82,15 @@ def diagnose(conf, dataset, init, epochs):
     g = build_model(cfg, splits.data_dim)
     data = check_and_binarize(splits, g.likelihood)
     g.initialize(data)
-    history = [{"epoch": 0, **g.cluster_statistics(data.val_x)}]
+
+    def statistics():
+        accuracy = cluster_accuracy(splits.val_y, g.predict_cluster(data.val_x))
+        return {"val_accuracy": accuracy, **g.cluster_statistics(data.val_x)}
+
+    history = [{"epoch": 0, **statistics()}]
 
     def log(record):
-        history.append({**{k: record[k] for k in ("epoch", "val_elbo", "val_kl")}, **g.cluster_statistics(data.val_x)})
+        history.append({**{k: record[k] for k in ("epoch", "val_elbo", "val_kl")}, **statistics()})
         print({k: v for k, v in history[-1].items() if k != "occupancy"}, flush=True)
 
     torch.manual_seed(cfg["seed"])
@@ -100,8 +111,8 @@ def plot_diagnosis(history, num_clusters, path, title):
     from pyro_vae import figures
 
     epochs = [r["epoch"] for r in history]
-    fig = figures.new_figure(figsize=(13, 3.4))
-    ax = fig.subplots(1, 3)
+    fig = figures.new_figure(figsize=(17, 3.4))
+    ax = fig.subplots(1, 4)
     ax[0].plot(epochs, [r["entropy"] for r in history], label="E H[q(c|x)]")
     ax[0].plot(epochs, [r["kl_c"] for r in history], label="E KL(q(c|x) || p(c))")
     ax[0].axhline(math.log(num_clusters), color="k", ls=":", lw=1, label="log C")
@@ -115,7 +126,9 @@ def plot_diagnosis(history, num_clusters, path, title):
     ax[2].axhline(1 / num_clusters, color="k", ls=":", lw=1, label="1/C")
     ax[2].set(xlabel="epoch", title="cluster shares")
     ax[2].legend(fontsize=7)
-    fig.suptitle(title)
+    ax[3].plot(epochs, [r["val_accuracy"] for r in history])
+    ax[3].set(xlabel="epoch", title="cluster accuracy (validation)", ylim=(0, 1))
+    fig.suptitle(title + " (epoch 0: after the start)")
     figures.save_figure(fig, path)
 
 
@@ -132,7 +145,9 @@ def table():
         with open(path) as f:
             s = json.load(f)
         name, seed = os.path.basename(os.path.dirname(run_dir)), int(os.path.basename(run_dir)[4:])
-        row = {"seed": seed, "best_epoch": s["best_epoch"], "epochs_run": s["epochs_run"],
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            written = yaml.safe_load(f)
+        row = {"seed": seed, "model": written["model"], "train": written["train"], "best_epoch": s["best_epoch"], "epochs_run": s["epochs_run"],
                "train_seconds": s["train_seconds"], "test_log_px": s["test_log_px"]["mean"],
                "test_log_px_se": s["test_log_px"]["se"], **{k: s[k] for k in keys if k in s}}
         if "cluster" in s:
@@ -157,6 +172,8 @@ def main():
     t.add_argument("model", choices=["gmvae", "vae"])
     t.add_argument("dataset", choices=["digits", "mnist5k"])
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    t.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="more overrides, e.g. model.warmup_epochs=0")
+    t.add_argument("--tag", default=None, help="name the runs <model>_<dataset>_<tag> (needed with --set)")
     d = sub.add_parser("diagnose")
     d.add_argument("dataset", choices=["digits", "mnist5k"])
     d.add_argument("--init", default="vade")
@@ -167,7 +184,9 @@ def main():
     torch.set_num_threads(conf.get("threads", 1))
     os.makedirs(FIGURES, exist_ok=True)
     if args.command == "train":
-        train(conf, args.model, args.dataset, args.seeds)
+        if args.set and not args.tag:
+            p.error("--set needs --tag, so the runs do not overwrite those of the defaults")
+        train(conf, args.model, args.dataset, args.seeds, args.set, args.tag)
     elif args.command == "diagnose":
         diagnose(conf, args.dataset, args.init, args.epochs)
     else:
