@@ -128,7 +128,7 @@ def plot_diagnosis(history, num_clusters, path, title):
     ax[2].legend(fontsize=7)
     ax[3].plot(epochs, [r["val_accuracy"] for r in history])
     ax[3].set(xlabel="epoch", title="cluster accuracy (validation)", ylim=(0, 1))
-    fig.suptitle(title + " (epoch 0: after the start)")
+    fig.suptitle(title + " (epoch 0: after the start)", y=1.05)
     figures.save_figure(fig, path)
 
 
@@ -148,8 +148,11 @@ def table():
         with open(os.path.join(run_dir, "config.yaml")) as f:
             written = yaml.safe_load(f)
         row = {"seed": seed, "model": written["model"], "train": written["train"], "best_epoch": s["best_epoch"], "epochs_run": s["epochs_run"],
-               "train_seconds": s["train_seconds"], "test_log_px": s["test_log_px"]["mean"],
-               "test_log_px_se": s["test_log_px"]["se"], **{k: s[k] for k in keys if k in s}}
+               "train_seconds": s["train_seconds"], **{k: s[k] for k in keys if k in s}}
+        if "test_log_px" in s:  # absent with eval.num_samples=null
+            row.update(test_log_px=s["test_log_px"]["mean"], test_log_px_se=s["test_log_px"]["se"])
+        if "init" in s:
+            row["init_seconds"] = s["init"]["seconds"]
         if "cluster" in s:
             row.update(occupancy=s["cluster"]["occupancy"], smallest_share=s["cluster"]["smallest_share"],
                        clusters_used=s["cluster"]["clusters_used"], entropy=s["cluster"]["entropy"],
