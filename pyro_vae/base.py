@@ -106,6 +106,10 @@ class LatentVariableModel(nn.Module):
         """E[x | z] at z = :meth:`encode` (x), shape (N, D)."""
         return self.likelihood.mean(self.encode(x))
 
+    def initialize(self, data) -> None:
+        """Start the model from the run's :class:`pyro_vae.data.RunData` before the trainer's
+        epochs (default nothing; the GMVAE's VaDE-style start)."""
+
     def extra_summary(self, data) -> dict:
         """Numbers of this model's own for a run's summary.json (default none), given the run's
         :class:`pyro_vae.data.RunData`."""

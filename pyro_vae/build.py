@@ -58,8 +58,11 @@ def vae(cfg: Mapping[str, Any], data_dim: int, latent_dim: int = 10, hidden: Seq
 @MODELS.register("gmvae")
 def gmvae(cfg: Mapping[str, Any], data_dim: int, latent_dim: int = 10, hidden: Sequence[int] = (200, 200),
           activation: str = "tanh", num_clusters: int = 10, prior_spread: float = 0.0,
-          embedding_std: float = 1.0, learn_weights: bool = False) -> GMVAE:
-    """A :class:`pyro_vae.gmvae.GMVAE` of the ``likelihood`` section."""
+          embedding_std: float = 1.0, learn_weights: bool = False, init: str = "vade", pretrain_epochs: int = 100,
+          warmup_epochs: int = 20, gmm_restarts: int = 5) -> GMVAE:
+    """A :class:`pyro_vae.gmvae.GMVAE` of the ``likelihood`` section; ``init`` chooses its start
+    from the data, and the last three options are those of ``init=vade``
+    (:class:`pyro_vae.gmvae_init.VaDEInit`)."""
     for key in ("prior", "guide"):
         if cfg.get(key) is not None:
             raise ValueError(f"model 'gmvae' has its own prior p(c) p(z|c) and guide q(c|x) q(z|x,c); "
@@ -67,7 +70,8 @@ def gmvae(cfg: Mapping[str, Any], data_dim: int, latent_dim: int = 10, hidden: S
     context = _network(data_dim, latent_dim, hidden, activation)
     likelihood = _build(LIKELIHOODS, cfg, "likelihood", "gmvae", **context)
     return GMVAE(likelihood, num_clusters, context["hidden"], activation, prior_spread, embedding_std,
-                 learn_weights)
+                 learn_weights, init, dict(pretrain_epochs=pretrain_epochs, warmup_epochs=warmup_epochs,
+                                           gmm_restarts=gmm_restarts))
 
 
 def build_model(cfg: Mapping[str, Any], data_dim: int):

@@ -114,6 +114,7 @@ def train_run(cfg: Mapping[str, Any], run_dir: str, progress: bool = True,
 
     :param overrides: the command line's overrides (``prior=vamp``, ...), kept in overrides.yaml."""
     run = prepare(cfg)
+    run.vae.initialize(run.data)  # a model's own start (the GMVAE's pretraining), continuing the initialization phase
     claimed = run.ranks.broadcast(rundir.claim(run_dir) if run.ranks.is_main else None)
     if run.ranks.is_main:
         rundir.write_config(claimed, run.cfg, overrides)

@@ -73,9 +73,9 @@ def image_grid(rows: Sequence[np.ndarray], shape: Tuple[int, int], path: str,
     return fig
 
 
-def latent_space(z: np.ndarray, labels: np.ndarray, path: str):
-    """Guide means coloured by label; projected on the first two principal components when the
-    latent has more than two dimensions."""
+def latent_space(z: np.ndarray, labels: np.ndarray, path: str, label_name: str = "label"):
+    """Guide means coloured by ``labels`` (integers >= 0, named ``label_name`` on the colour bar);
+    projected on the first two principal components when the latent has more than two dimensions."""
     z = np.asarray(z, dtype=np.float64)
     xlabel, ylabel = "z1", "z2"
     if z.shape[1] > 2:
@@ -88,8 +88,10 @@ def latent_space(z: np.ndarray, labels: np.ndarray, path: str):
         z = np.concatenate([z, np.zeros_like(z)], 1)
     fig = new_figure(figsize=(5.5, 4.5))
     ax = fig.subplots()
-    points = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", s=6, vmin=-0.5, vmax=9.5)
-    fig.colorbar(points, ax=ax, ticks=range(10), label="label")
+    colours = max(10, int(np.max(labels)) + 1)
+    points = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10" if colours == 10 else "tab20", s=6, vmin=-0.5,
+                        vmax=colours - 0.5)
+    fig.colorbar(points, ax=ax, ticks=range(colours), label=label_name)
     ax.set(xlabel=xlabel, ylabel=ylabel, title="test set: mean of q(z|x)")
     save_figure(fig, path)
     return fig

@@ -15,16 +15,21 @@ all C values at once, at a plate dim left of the data plate). Under a plain trac
 :func:`pyro_vae.estimate_log_px`) the mark does nothing and c is drawn, so the same guide is the
 importance proposal q(c, z | x) over both latents.
 
-``pyro-vae train model=gmvae`` builds one (``pyro_vae/conf/model/gmvae.yaml``); the study and its
-measurements are in experiments/gmvae/results.md.
+``pyro-vae train model=gmvae`` builds one (``pyro_vae/conf/model/gmvae.yaml``). By default
+(``init="vade"``) the run starts it from its training images before the trainer's epochs
+(:meth:`GMVAE.initialize`, :mod:`pyro_vae.gmvae_init`): an autoencoder, a Gaussian mixture on its
+codes as p(z|c), q(c|x) fitted to that mixture, a warm-up with the cluster term annealed. The run's
+summary gets the clustering of the test images (:meth:`GMVAE.extra_summary`: accuracy, occupancy,
+k-means on the pixels of the same split) and its figures the samples per cluster and the latent
+space by cluster. The study and its measurements are in experiments/gmvae/results.md.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -32,13 +37,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import kl_divergence
 
+from . import clustering, figures
 from .base import LatentVariableModel
 from .checks import positive_int
+from .gmvae_init import INITS, VaDEInit, cluster_statistics
 from .guides import MIN_SCALE
 from .likelihoods import Likelihood
 from .nets import ACTIVATIONS, he_linear, mlp
 
 __all__ = ["GMVAE", "cluster_accuracy"]
+
+cluster_accuracy = clustering.cluster_accuracy
 
 
 class ClusterEncoder(nn.Module):
@@ -86,6 +95,10 @@ class GMVAE(LatentVariableModel):
         starts every p(z | c) at N(0, I) and leaves breaking the symmetry to ``embedding_std``.
     :param embedding_std: scale of the per-cluster vectors of q(z | x, c) at initialization.
     :param learn_weights: learn π = softmax(logits) instead of keeping it uniform.
+    :param init: how :meth:`initialize` starts the model from the training data: ``"vade"``
+        (:class:`pyro_vae.gmvae_init.VaDEInit` with ``init_options``) or ``"random"`` (as built).
+    :param init_options: options of :class:`pyro_vae.gmvae_init.VaDEInit` (``pretrain_epochs``,
+        ``warmup_epochs``, ``gmm_restarts``); unused for ``init="random"``.
     :param name: the name in Pyro's param store (default ``gmvae<k>``).
     """
 
@@ -93,9 +106,14 @@ class GMVAE(LatentVariableModel):
 
     def __init__(self, likelihood: Likelihood, num_clusters: int = 10, hidden: Sequence[int] = (200, 200),
                  activation: str = "tanh", prior_spread: float = 0.0, embedding_std: float = 1.0,
-                 learn_weights: bool = False, name: str | None = None):
+                 learn_weights: bool = False, init: str = "vade", init_options: dict | None = None,
+                 name: str | None = None):
         super().__init__(likelihood, name)
         self.num_clusters = positive_int(num_clusters, "model.num_clusters")
+        if init not in INITS:
+            raise ValueError(f"unknown model.init {init!r}; choose one of: {', '.join(INITS)}")
+        self.init = VaDEInit(**(init_options or {})) if init == "vade" else None
+        self.init_history: dict = {}
         for key, value in (("prior_spread", prior_spread), ("embedding_std", embedding_std)):
             if not value >= 0:
                 raise ValueError(f"model.{key} must be >= 0, got {value!r}")
@@ -170,12 +188,15 @@ class GMVAE(LatentVariableModel):
         kl_c = (qc * (log_qc - self.cluster_prior().logits)).sum(-1)
         return (qc * log_lik.T).sum(-1), kl_c + (qc * kl_z.T).sum(-1)
 
-    def enumerated_elbo(self, x: torch.Tensor) -> torch.Tensor:
+    def enumerated_elbo(self, x: torch.Tensor, cluster_kl_weight: float = 1.0) -> torch.Tensor:
         """Per-point ELBO exactly as ``TraceEnum_ELBO`` computes it (Monte Carlo KL for z, sum over
-        c), differentiable; shape (N,)."""
+        c), differentiable; shape (N,). ``cluster_kl_weight`` w multiplies its cluster term,
+        Σ_c q(c|x)[log p(x|z_c) − log q(z_c|x,c) + log p(z_c|c)] − w KL(q(c|x) || π) (the warm-up
+        of :mod:`pyro_vae.gmvae_init`); w = 1 is the ELBO."""
         log_qc, log_lik, _, kl_z_mc = self._per_cluster_terms(x)
         qc = log_qc.exp()
-        return (qc * (log_lik - kl_z_mc).T).sum(-1) - (qc * (log_qc - self.cluster_prior().logits)).sum(-1)
+        kl_c = (qc * (log_qc - self.cluster_prior().logits)).sum(-1)
+        return (qc * (log_lik - kl_z_mc).T).sum(-1) - cluster_kl_weight * kl_c
 
     @torch.no_grad()
     def log_px_enumerated(self, x: torch.Tensor, num_samples: int = 1000, chunk: int = 100) -> torch.Tensor:
@@ -206,6 +227,12 @@ class GMVAE(LatentVariableModel):
         """argmax_c q(c | x), shape (N,)."""
         return self.cluster_probs(x).argmax(-1)
 
+    def cluster_statistics(self, x: torch.Tensor) -> dict:
+        """Entropy, KL to p(c) and occupancy of q(c | x) on the rows of x
+        (:func:`pyro_vae.gmvae_init.cluster_statistics`)."""
+        self.check_x(x)
+        return cluster_statistics(self, x)
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """E_q[z | x] = Σ_c q(c|x) m(x, c), shape (N, latent_dim)."""
@@ -225,21 +252,45 @@ class GMVAE(LatentVariableModel):
         z = self.latent_prior(self._all_clusters().expand(-1, num_per_cluster)).sample()
         return self.likelihood.mean(z)
 
+    # -- the run's hooks (pyro_vae.experiment.train_run) -----------------------------------------
+    def initialize(self, data) -> None:
+        """Start from the training images before the trainer's epochs: with ``init="vade"`` run
+        :class:`pyro_vae.gmvae_init.VaDEInit` on ``data.train_x`` (cluster statistics per warm-up
+        epoch on the validation set) and keep what it measured in ``init_history``."""
+        if self.init is not None:
+            stats_x = data.val_x if len(data.val_x) else data.train_eval_x
+            self.init_history = self.init(self, data.train_x, stats_x)
 
-def cluster_accuracy(labels, clusters) -> float:
-    """Unsupervised clustering accuracy: the fraction of points whose cluster, mapped one-to-one to
-    a label by the best matching (Hungarian method on the cluster × label contingency table), is
-    their label. Clusters left without a label (more clusters than labels) count as wrong."""
-    from scipy.optimize import linear_sum_assignment  # lazy: the core imports only torch, pyro, numpy
+    def extra_summary(self, data) -> dict:
+        """The clustering of the test split by argmax_c q(c | x), for the run's summary.json:
+        ``cluster`` (:meth:`cluster_statistics` of the binarized test set); with labels,
+        ``cluster_accuracy`` (:func:`pyro_vae.clustering.cluster_accuracy` on the binarized test
+        set, the images the model is evaluated on), ``cluster_accuracy_grey`` (q(c | x) at the grey
+        test images) and ``kmeans_accuracy`` (k-means on the grey pixels, fitted to the training
+        split, seeded from torch's generator); and ``init``, what :meth:`initialize` measured."""
+        splits, C = data.splits, self.num_clusters
+        summary = {"cluster": self.cluster_statistics(data.test_x)}
+        if splits.test_y is not None:
+            grey = splits.test_x.to(data.test_x.device)
+            seed = int(torch.randint(2**31 - 1, ()).item())
+            summary.update(
+                cluster_accuracy=cluster_accuracy(splits.test_y, self.predict_cluster(data.test_x)),
+                cluster_accuracy_grey=cluster_accuracy(splits.test_y, self.predict_cluster(grey)),
+                kmeans_accuracy=cluster_accuracy(splits.test_y, clustering.kmeans_clusters(
+                    splits.train_x, splits.test_x, C, seed)))
+        if self.init_history:
+            last = {k: v[-1] for k, v in self.init_history.items() if k != "warmup" and v}
+            summary["init"] = {**last, "warmup": self.init_history["warmup"]}
+        return summary
 
-    labels, clusters = (np.asarray(a.cpu() if isinstance(a, torch.Tensor) else a).reshape(-1)
-                        for a in (labels, clusters))
-    if labels.shape != clusters.shape or labels.size == 0:
-        raise ValueError(f"labels and clusters must be non-empty and of one length, got {labels.size} "
-                         f"and {clusters.size}")
-    _, label_idx = np.unique(labels, return_inverse=True)
-    _, cluster_idx = np.unique(clusters, return_inverse=True)
-    table = np.zeros((cluster_idx.max() + 1, label_idx.max() + 1), dtype=np.int64)
-    np.add.at(table, (cluster_idx, label_idx), 1)
-    rows, cols = linear_sum_assignment(table, maximize=True)
-    return float(table[rows, cols].sum() / labels.size)
+    def extra_figures(self, data, out_dir: str) -> None:
+        """cluster_samples.png (one row per cluster c: E[x | z], z ~ p(z | c), with the share of
+        test images assigned to c) and latent_clusters.png (the test set's E_q[z | x] coloured by
+        argmax_c q(c | x))."""
+        shape, occupancy = data.splits.image_shape, self.cluster_statistics(data.test_x)["occupancy"]
+        figures.image_grid(list(self.sample_per_cluster(10).cpu().numpy()), shape,
+                           os.path.join(out_dir, "cluster_samples.png"),
+                           [f"c={c} ({share:.0%})" for c, share in enumerate(occupancy)],
+                           "E[x|z], z ~ p(z|c): one row per cluster (share of test images)")
+        figures.latent_space(self.encode(data.test_x).cpu().numpy(), self.predict_cluster(data.test_x).cpu().numpy(),
+                             os.path.join(out_dir, "latent_clusters.png"), label_name="cluster assigned")

@@ -1,164 +1,199 @@
-"""GMVAE on digits and mnist5k: test ELBO, test log p(x), clustering accuracy vs k-means, samples.
+"""The GMVAE study: does `pyro-vae train model=gmvae` cluster digits and mnist5k better than k-means,
+without a worse log p(x) than the VAE of the same size?
 
-    python experiments/gmvae/run.py [--config config.yaml] [--datasets digits mnist5k]
-                                    [--epochs N] [--num-samples K] [--out DIR]
+    python experiments/gmvae/run.py train MODEL DATASET --seeds 0 1 2   # pyro-vae train, one run per seed
+                                       [--set KEY=VALUE .. --tag NAME]  # a variant: more overrides
+    python experiments/gmvae/run.py diagnose DATASET [--init random] [--epochs N]
+    python experiments/gmvae/run.py table                             # figures/results.json from the runs
 
-Per dataset it builds a GMVAE (``pyro_vae.build.build_model`` with ``model.name: gmvae``) and trains
-it with ``TraceEnum_ELBO(max_plate_nesting=1)`` via ``pyro_vae.train.fit`` (best validation epoch
-kept), then on the protocol test set (binarized once, seed 0):
-    test ELBO (analytic KLs), test log p(x) = estimate_log_px(model, guide, K) (c drawn),
-    a cross-check of that estimate against log_px_enumerated on a subset,
-    clustering accuracy (Hungarian matching) of argmax_c q(c|x) and of k-means on the grey pixels.
-Writes DIR/results.json (merged across invocations; key = dataset, or dataset_<N>epochs
-with --epochs N), DIR/samples_<key>.png (one row per
-cluster: decoder means for z ~ p(z|c)) and DIR/history_<key>.json.
+``train`` runs the command line itself (``pyro-vae train model=MODEL data=DATASET seed=S`` plus the
+overrides of config.yaml), so what is measured is the defaults of ``model=gmvae``; the runs go to
+runs/gmvae/<model>_<dataset>[_<tag>]/seed<S> (git-ignored) and each summary.json holds the test log p(x)
+and, for the GMVAE, the clustering (accuracy, occupancy, k-means on the pixels of the same split).
+``diagnose`` trains one GMVAE (seed 0) in-process and records, after every epoch, what q(c|x) does
+on the validation set (``GMVAE.cluster_statistics``: entropy, KL(q(c|x) || p(c)), occupancy;
+and the cluster accuracy):
+figures/diagnosis_<dataset>_<init>.json and .png. ``table`` collects every finished run into
+figures/results.json: per seed and the mean ± standard error over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import glob
 import json
 import os
-import time
+import subprocess
+import sys
 
-import matplotlib
-import numpy as np
 import torch
 import yaml
-from pyro.infer import TraceEnum_ELBO
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from pyro_vae import build_model, estimate_log_px  # noqa: E402
-from pyro_vae.data import binarize_fixed, check_and_binarize  # noqa: E402
-from pyro_vae.gmvae import cluster_accuracy  # noqa: E402
-from pyro_vae.train import TrainConfig, evaluate_elbo, fit  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+RUNS = os.path.join(ROOT, "runs", "gmvae")
+FIGURES = os.path.join(HERE, "figures")
+sys.path.insert(0, ROOT)  # pyro_vae, also without `pip install -e .`
 
 
-def kmeans_accuracy(splits, num_clusters, n_init, seed):
-    from sklearn.cluster import KMeans
-
-    km = KMeans(num_clusters, n_init=n_init, random_state=seed).fit(splits.train_x.numpy())
-    return {"train": cluster_accuracy(splits.train_y, km.labels_),
-            "test": cluster_accuracy(splits.test_y, km.predict(splits.test_x.numpy()))}
+def load_config():
+    with open(os.path.join(HERE, "config.yaml")) as f:
+        return yaml.safe_load(f)
 
 
-def samples_figure(g, splits, train_clusters, path, per_cluster=10):
-    """One row per cluster c: decoder means for z ~ p(z|c); the row is labelled with the majority
-    training label of the points q assigns to c and how many there are."""
-    torch.manual_seed(0)
-    images = g.sample_per_cluster(per_cluster).numpy().reshape(g.num_clusters, per_cluster, *splits.image_shape)
-    fig, axes = plt.subplots(g.num_clusters, per_cluster, figsize=(per_cluster * 0.8, g.num_clusters * 0.85))
-    for c in range(g.num_clusters):
-        members = splits.train_y[train_clusters == c]
-        label = f"c={c}: n={len(members)}" + (f", mostly {int(members.mode().values)}" if len(members) else "")
-        for j in range(per_cluster):
-            ax = axes[c, j]
-            ax.imshow(images[c, j], cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([]), ax.set_yticks([])
-        axes[c, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle(f"GMVAE samples per cluster ({splits.name}): E[x|z], z ~ p(z|c)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def overrides(conf, model, dataset, seed):
+    """The command line of one run: model, data, seed and the config's overrides for the dataset."""
+    extra = conf["datasets"][dataset]
+    return [f"model={model}", f"data={dataset}", f"seed={seed}", *conf["common"], *extra.get("all", []),
+            *extra.get(model, [])]
 
 
-def run_dataset(name, key, cfg, args):
-    dcfg = cfg["datasets"][name]
-    seed = cfg["seed"]
-    torch.manual_seed(seed)
-    splits = load_dataset(name)
-    model = {"name": "gmvae", "num_clusters": cfg["num_clusters"], **dcfg["model"]}
-    g = build_model({"model": model, "likelihood": cfg["likelihood"]}, splits.data_dim)
+def train(conf, model, dataset, seeds, extra=(), tag=None):
+    """One ``pyro-vae train`` per seed into runs/gmvae/<model>_<dataset>[_<tag>]/seed<S>; ``extra``
+    overrides (``model.warmup_epochs=0``, ...) go last, so they win."""
+    for seed in seeds:
+        name = f"{model}_{dataset}" + (f"_{tag}" if tag else "")
+        run_dir = os.path.join(RUNS, name, f"seed{seed}")
+        args = overrides(conf, model, dataset, seed) + list(extra) + [f"hydra.run.dir={run_dir}"]
+        print("pyro-vae train " + " ".join(args), flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(conf.get("threads", 1))}  # one torch thread per run
+        subprocess.run([sys.executable, "-m", "pyro_vae.cli", "train", *args], cwd=ROOT, env=env, check=True)
+
+
+def diagnose(conf, dataset, init, epochs):
+    """One GMVAE run with q(c|x)'s statistics on the validation set after every epoch."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pyro_vae import build_model, build_objective, check_and_binarize
+    from pyro_vae.clustering import cluster_accuracy
+    from pyro_vae.data import load_splits
+    from pyro_vae.train import TrainConfig, fit
+
+    args = overrides(conf, "gmvae", dataset, 0) + [f"model.init={init}", "eval.num_samples=null"]
+    if epochs:
+        args.append(f"train.epochs={epochs}")
+    import pyro_vae
+
+    with initialize_config_dir(os.path.join(os.path.dirname(pyro_vae.__file__), "conf"), version_base=None):
+        cfg = OmegaConf.to_container(compose("config", overrides=args), resolve=True)
+    splits = load_splits(cfg)
+    torch.manual_seed(cfg["seed"])
+    g = build_model(cfg, splits.data_dim)
     data = check_and_binarize(splits, g.likelihood)
-    tcfg = TrainConfig(**{**dcfg["train"], **({"epochs": args.epochs} if args.epochs else {})})
-    t0 = time.time()
-    saved = os.path.join(args.checkpoint_dir, f"gmvae_{key}.pt") if args.checkpoint_dir else None
-    if args.eval_only:  # reuse the model trained by an earlier invocation with --checkpoint-dir
-        state = torch.load(saved)
-        g.load_state_dict(state["model"])
-        result, train_s = state["fit"], state["train_seconds"]  # plain dicts and floats
-    else:
-        torch.manual_seed(seed)
-        result = fit(g, data, TraceEnum_ELBO(max_plate_nesting=1), tcfg, progress=False,
-                     log=lambda r: print(name, {k: round(v, 2) for k, v in r.items()}, flush=True))
-        train_s = time.time() - t0
-        result = {k: v for k, v in dataclasses.asdict(result).items() if k != "best_state"}
-        if saved:
-            os.makedirs(args.checkpoint_dir, exist_ok=True)
-            torch.save({"model": g.state_dict(), "fit": result, "train_seconds": train_s}, saved)
-    g.eval()
-    test_x = data.test_x
-    torch.manual_seed(seed)
-    test = evaluate_elbo(g, test_x)
-    K = args.num_samples or cfg["eval_num_samples"]
-    t0 = time.time()
-    est = estimate_log_px(g.model, g.guide, test_x, num_samples=K, seed=seed, progress=False)
-    eval_s = time.time() - t0
-    cc = cfg["crosscheck"]
-    sub = test_x[: cc["num_points"]]
-    torch.manual_seed(seed)
-    enum_sub = g.log_px_enumerated(sub, cc["num_samples"])
-    samp_sub = estimate_log_px(g.model, g.guide, sub, num_samples=cc["num_samples"] * g.num_clusters,
-                               seed=seed + 1, progress=False, warn=False).log_px
-    train_clusters = g.predict_cluster(binarize_fixed(data.train_x, seed=0))  # all training images, binarized once
-    test_clusters = g.predict_cluster(test_x)
-    km = kmeans_accuracy(splits, cfg["num_clusters"], cfg["kmeans"]["n_init"], seed)
-    samples_figure(g, splits, train_clusters, os.path.join(args.out, f"samples_{key}.png"))
-    with open(os.path.join(args.out, f"history_{key}.json"), "w") as f:
-        json.dump(result["history"], f)
-    return {
-        "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
-        "stopped_early": result["stopped_early"], "train_seconds": round(train_s, 1),
-        "best_val_elbo": result["history"][result["best_epoch"] - 1]["val_elbo"],
-        "test_elbo": test["elbo"], "test_log_lik": test["log_lik"], "test_kl": test["kl"],
-        "test_log_px": est.log_px.mean().item(), "test_log_px_sem": est.summary()["log_px_sem"],
-        "log_px_num_samples": K, "log_px_seconds": round(eval_s, 1),
-        "log_px_stderr_median": est.stderr.median().item(), "pareto_k_max": est.pareto_k.max().item(),
-        "frac_pareto_k_above_0.7": est.fraction_pareto_k_above(0.7),
-        "log_px_by_k": est.mean_log_px_by_k(),
-        "crosscheck": {"num_points": len(sub), "enumerated_K_per_cluster": cc["num_samples"],
-                       "enumerated_log_px": enum_sub.mean().item(),
-                       "sampled_K": cc["num_samples"] * g.num_clusters, "sampled_log_px": samp_sub.mean().item(),
-                       "mean_abs_diff_per_point": (enum_sub - samp_sub).abs().mean().item()},
-        "cluster_accuracy": {"gmvae_train": cluster_accuracy(splits.train_y, train_clusters),
-                             "gmvae_test": cluster_accuracy(splits.test_y, test_clusters),
-                             "kmeans_train": km["train"], "kmeans_test": km["test"]},
-        "clusters_used_test": int(test_clusters.unique().numel()),
-        "cluster_sizes_test": torch.bincount(test_clusters, minlength=g.num_clusters).tolist(),
-    }
+    g.initialize(data)
+
+    def statistics():
+        accuracy = cluster_accuracy(splits.val_y, g.predict_cluster(data.val_x))
+        return {"val_accuracy": accuracy, **g.cluster_statistics(data.val_x)}
+
+    history = [{"epoch": 0, **statistics()}]
+
+    def log(record):
+        history.append({**{k: record[k] for k in ("epoch", "val_elbo", "val_kl")}, **statistics()})
+        print({k: v for k, v in history[-1].items() if k != "occupancy"}, flush=True)
+
+    torch.manual_seed(cfg["seed"])
+    fit(g, data, build_objective(cfg), TrainConfig(**cfg["train"]),
+        log=log, progress=False)
+    key = f"diagnosis_{dataset}_{init}"
+    result = {"command": f"python experiments/gmvae/run.py diagnose {dataset} --init {init}"
+                         + (f" --epochs {epochs}" if epochs else ""),
+              "overrides": args, "init": g.init_history, "epochs": history}
+    with open(os.path.join(FIGURES, key + ".json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot_diagnosis(history, g.num_clusters, os.path.join(FIGURES, key + ".png"), f"{dataset}, init={init}")
+
+
+def plot_diagnosis(history, num_clusters, path, title):
+    import math
+
+    from pyro_vae import figures
+
+    epochs = [r["epoch"] for r in history]
+    fig = figures.new_figure(figsize=(17, 3.4))
+    ax = fig.subplots(1, 4)
+    ax[0].plot(epochs, [r["entropy"] for r in history], label="E H[q(c|x)]")
+    ax[0].plot(epochs, [r["kl_c"] for r in history], label="E KL(q(c|x) || p(c))")
+    ax[0].axhline(math.log(num_clusters), color="k", ls=":", lw=1, label="log C")
+    ax[0].set(xlabel="epoch", ylabel="nats", title="cluster posterior (validation)")
+    ax[0].legend(fontsize=7)
+    ax[1].imshow([r["occupancy"] for r in history], aspect="auto", origin="lower", cmap="viridis",
+                 extent=(-0.5, num_clusters - 0.5, epochs[0] - 0.5, epochs[-1] + 0.5), vmin=0, vmax=1)
+    ax[1].set(xlabel="cluster c", ylabel="epoch", title="occupancy: share of argmax q(c|x) = c")
+    ax[2].plot(epochs, [max(r["occupancy"]) for r in history], label="largest")
+    ax[2].plot(epochs, [r["smallest_share"] for r in history], label="smallest")
+    ax[2].axhline(1 / num_clusters, color="k", ls=":", lw=1, label="1/C")
+    ax[2].set(xlabel="epoch", title="cluster shares")
+    ax[2].legend(fontsize=7)
+    ax[3].plot(epochs, [r["val_accuracy"] for r in history])
+    ax[3].set(xlabel="epoch", title="cluster accuracy (validation)", ylim=(0, 1))
+    fig.suptitle(title + " (epoch 0: after the start)", y=1.05)
+    figures.save_figure(fig, path)
+
+
+def table():
+    """figures/results.json: per (model, dataset), each seed's numbers and mean ± SE over seeds."""
+    from pyro_vae.metrics import mean_se
+
+    keys = ("test_elbo", "cluster_accuracy", "cluster_accuracy_grey", "kmeans_accuracy")
+    results = {}
+    for run_dir in sorted(glob.glob(os.path.join(RUNS, "*", "seed*"))):
+        path = os.path.join(run_dir, "summary.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            s = json.load(f)
+        name, seed = os.path.basename(os.path.dirname(run_dir)), int(os.path.basename(run_dir)[4:])
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            written = yaml.safe_load(f)
+        row = {"seed": seed, "model": written["model"], "train": written["train"], "best_epoch": s["best_epoch"], "epochs_run": s["epochs_run"],
+               "train_seconds": s["train_seconds"], **{k: s[k] for k in keys if k in s}}
+        if "test_log_px" in s:  # absent with eval.num_samples=null
+            row.update(test_log_px=s["test_log_px"]["mean"], test_log_px_se=s["test_log_px"]["se"])
+        if "init" in s:
+            row["init_seconds"] = s["init"]["seconds"]
+        if "cluster" in s:
+            row.update(occupancy=s["cluster"]["occupancy"], smallest_share=s["cluster"]["smallest_share"],
+                       clusters_used=s["cluster"]["clusters_used"], entropy=s["cluster"]["entropy"],
+                       kl_c=s["cluster"]["kl_c"])
+        results.setdefault(name, {"seeds": []})["seeds"].append(row)
+    for entry in results.values():
+        seeds = entry["seeds"]
+        entry["mean_se"] = {k: mean_se([r[k] for r in seeds]) for k in
+                            ("test_log_px", "smallest_share", *keys) if k in seeds[0]}
+    with open(os.path.join(FIGURES, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    for name, entry in results.items():
+        print(name, {k: f"{v['mean']:.3f} ± {v['se']:.3f}" for k, v in entry["mean_se"].items()})
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(HERE, "config.yaml"))
-    p.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"])
-    p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
-    p.add_argument("--num-samples", type=int, default=None, help="override eval_num_samples (K)")
-    p.add_argument("--checkpoint-dir", default=None, help="save the trained model here (gmvae_<dataset>.pt)")
-    p.add_argument("--eval-only", action="store_true", help="load the model from --checkpoint-dir, skip training")
-    p.add_argument("--out", default=os.path.join(HERE, "figures"))
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("model", choices=["gmvae", "vae"])
+    t.add_argument("dataset", choices=["digits", "mnist5k"])
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    t.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="more overrides, e.g. model.warmup_epochs=0")
+    t.add_argument("--tag", default=None, help="name the runs <model>_<dataset>_<tag> (needed with --set)")
+    d = sub.add_parser("diagnose")
+    d.add_argument("dataset", choices=["digits", "mnist5k"])
+    d.add_argument("--init", default="vade")
+    d.add_argument("--epochs", type=int, default=None)
+    sub.add_parser("table")
     args = p.parse_args()
-    with open(args.config) as f:
-        cfg = yaml.safe_load(f)
-    torch.set_num_threads(cfg.get("threads", 1))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "results.json")
-    for name in args.datasets:
-        key = name + (f"_{args.epochs}epochs" if args.epochs else "")  # overrides get their own entry
-        entry = {"command": "python experiments/gmvae/run.py " + " ".join(
-            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
-            if v not in (None, False) and k not in ("config", "out", "datasets")) + f" --datasets {name}",
-            **run_dataset(name, key, cfg, args)}
-        print(json.dumps({key: entry}, indent=1), flush=True)
-        results = json.load(open(path)) if os.path.exists(path) else {}  # re-read: runs may go in parallel
-        results[key] = entry
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
+    conf = load_config()
+    torch.set_num_threads(conf.get("threads", 1))
+    os.makedirs(FIGURES, exist_ok=True)
+    if args.command == "train":
+        if args.set and not args.tag:
+            p.error("--set needs --tag, so the runs do not overwrite those of the defaults")
+        train(conf, args.model, args.dataset, args.seeds, args.set, args.tag)
+    elif args.command == "diagnose":
+        diagnose(conf, args.dataset, args.init, args.epochs)
+    else:
+        table()
 
 
 if __name__ == "__main__":
