@@ -430,7 +430,7 @@ def test_cli_trains_evaluates_and_draws_a_gmvae(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["model=gmvaee"], "unknown model 'gmvaee'; choose one of: gmvae, vae"),
+    (["model=gmvaee"], "unknown model 'gmvaee'; choose one of: gmvae, two_layer, vae"),
     (["model=gmvae", "prior=vamp"], "model 'gmvae' has its own prior p(c) p(z|c) and guide q(c|x) q(z|x,c); "
                                     "remove the prior section"),
 ])
