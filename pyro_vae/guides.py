@@ -15,7 +15,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal, kl_dive
 from torch import nn
 
 from .checks import positive_int
-from .nets import mlp
+from .nets import MLP
 from .registry import Registry
 
 GUIDES = Registry("guide")
@@ -40,6 +40,12 @@ class Guide(nn.Module):
         raise NotImplementedError
 
 
+def _encoder(net, data_dim, hidden, activation, n_out):
+    """The encoder network x -> n_out raw outputs: ``net.encoder`` (a :data:`pyro_vae.nets.NETS`
+    factory), or the MLP ``data_dim -> hidden -> n_out`` when ``net`` is None."""
+    return (net if net is not None else MLP(data_dim, hidden, activation)).encoder(n_out)
+
+
 @GUIDES.register("diagonal_normal")
 class DiagonalNormalGuide(Guide):
     """The diagonal Gaussian guide
@@ -53,12 +59,14 @@ class DiagonalNormalGuide(Guide):
     :param int latent_dim: dimension d of z.
     :param hidden: the encoder's hidden layer sizes. Default is (200, 200).
     :param str activation: the encoder's activation (see :func:`pyro_vae.nets.mlp`). Default is ``"tanh"``.
+    :param net: the factory of the encoder network (an entry of :data:`pyro_vae.nets.NETS`, e.g. the
+        convolutional one), which then supplies hidden and activation; default an MLP of those two.
     """
 
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (200, 200),
-                 activation: str = "tanh"):
+                 activation: str = "tanh", net=None):
         super().__init__(data_dim, latent_dim)
-        self.net = mlp([self.data_dim, *hidden, 2 * self.latent_dim], activation)
+        self.net = _encoder(net, self.data_dim, hidden, activation, 2 * self.latent_dim)
 
     def forward(self, x):
         loc, raw_scale = self.net(x).chunk(2, dim=-1)
@@ -80,6 +88,8 @@ class FullNormalGuide(Guide):
     :param int latent_dim: dimension d of z.
     :param hidden: the encoder's hidden layer sizes. Default is (200, 200).
     :param str activation: the encoder's activation (see :func:`pyro_vae.nets.mlp`). Default is ``"tanh"``.
+    :param net: the factory of the encoder network (an entry of :data:`pyro_vae.nets.NETS`, e.g. the
+        convolutional one), which then supplies hidden and activation; default an MLP of those two.
     :param float off_diagonal_scale: c > 0. Default is 0.1: under Adam, whose steps have a fixed
         size whatever the gradient's, it slows the noisy off-diagonal head tenfold (why:
         experiments/compare_models/results.md, section "Earlier disagreements, and why",
@@ -87,13 +97,13 @@ class FullNormalGuide(Guide):
     """
 
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (200, 200),
-                 activation: str = "tanh", off_diagonal_scale: float = 0.1):
+                 activation: str = "tanh", off_diagonal_scale: float = 0.1, net=None):
         super().__init__(data_dim, latent_dim)
         d = self.latent_dim
         if not off_diagonal_scale > 0:
             raise ValueError(f"guide.off_diagonal_scale must be > 0, got {off_diagonal_scale!r}")
         self.off_diagonal_scale = float(off_diagonal_scale)
-        self.net = mlp([self.data_dim, *hidden, 2 * d + d * (d - 1) // 2], activation)
+        self.net = _encoder(net, self.data_dim, hidden, activation, 2 * d + d * (d - 1) // 2)
         self.register_buffer("lower", torch.tril_indices(d, d, offset=-1))
         # Start from a diagonal covariance: with a random head each row of L sums up to d-1 random
         # off-diagonal outputs, which inflates the initial KL(q || p) (experiments/compare_models/
@@ -131,6 +141,8 @@ class IAFGuide(Guide):
     :param int latent_dim: dimension d of z, >= 2 (an autoregressive flow in 1-D is a constant map).
     :param hidden: the encoder's hidden layer sizes. Default is (200, 200).
     :param str activation: the encoder's activation (see :func:`pyro_vae.nets.mlp`). Default is ``"tanh"``.
+    :param net: the factory of the encoder network (an entry of :data:`pyro_vae.nets.NETS`, e.g. the
+        convolutional one), which then supplies hidden and activation; default an MLP of those two.
     :param int num_flows: number of steps T >= 1. Default is 2.
     :param int context_dim: size of h(x), >= 1. Default is 50.
     :param flow_hidden: hidden layer sizes of each AR_t. Default is (100,).
@@ -138,14 +150,14 @@ class IAFGuide(Guide):
 
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (200, 200),
                  activation: str = "tanh", num_flows: int = 2, context_dim: int = 50,
-                 flow_hidden: Sequence[int] = (100,)):
+                 flow_hidden: Sequence[int] = (100,), net=None):
         super().__init__(data_dim, latent_dim)
         num_flows = positive_int(num_flows, "guide.num_flows")
         if self.latent_dim < 2:
             raise ValueError("an IAF guide needs latent_dim >= 2 (an autoregressive flow in 1-D is a constant map)")
         self.context_dim = positive_int(context_dim, "guide.context_dim")
         flow_hidden = [positive_int(h, "guide.flow_hidden") for h in flow_hidden]
-        self.net = mlp([self.data_dim, *hidden, 2 * self.latent_dim + self.context_dim], activation)
+        self.net = _encoder(net, self.data_dim, hidden, activation, 2 * self.latent_dim + self.context_dim)
         self.flows = nn.ModuleList([
             T.ConditionalAffineAutoregressive(
                 ConditionalAutoRegressiveNN(self.latent_dim, self.context_dim, flow_hidden), stable=True)

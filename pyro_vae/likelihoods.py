@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
-from .nets import mlp
+from .nets import MLP
 from .registry import Registry
 
 LIKELIHOODS = Registry("likelihood")
@@ -64,16 +64,18 @@ class DecoderLikelihood(Likelihood):
 
     :param hidden: the encoder's hidden layer sizes; the decoder mirrors them.
     :param activation: the hidden layers' activation (see :func:`pyro_vae.nets.mlp`).
+    :param net: the factory of the decoder network (an entry of :data:`pyro_vae.nets.NETS`, e.g. the
+        transposed-convolutional one), which then supplies hidden and activation; default the MLP.
     """
 
     outputs_per_pixel = 1
     unit_interval = False  # True: the data must lie in [0, 1]
 
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (200, 200),
-                 activation: str = "tanh"):
+                 activation: str = "tanh", net=None):
         super().__init__(data_dim, latent_dim)
-        self.net = mlp([self.latent_dim, *reversed(list(hidden)), self.data_dim * self.outputs_per_pixel],
-                       activation)
+        net = net if net is not None else MLP(self.data_dim, hidden, activation)
+        self.net = net.decoder(self.latent_dim, self.outputs_per_pixel)
 
     def pixel_distribution(self, outputs: torch.Tensor) -> dist.TorchDistribution:  # pragma: no cover
         raise NotImplementedError
@@ -154,13 +156,13 @@ class GaussianLikelihood(DecoderLikelihood):
 
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (200, 200),
                  activation: str = "tanh", scale_type: str = "global", init_scale: float = 0.3,
-                 min_scale: float = 0.01):
+                 min_scale: float = 0.01, net=None):
         if scale_type not in self.SCALE_TYPES:
             raise ValueError(f"likelihood.scale_type must be one of {', '.join(self.SCALE_TYPES)}, got {scale_type!r}")
         if not (min_scale > 0 and init_scale > min_scale):
             raise ValueError(f"likelihood needs 0 < min_scale < init_scale, got min_scale={min_scale}, "
                              f"init_scale={init_scale}")
-        super().__init__(data_dim, latent_dim, hidden, activation)
+        super().__init__(data_dim, latent_dim, hidden, activation, net)
         self.min_scale = float(min_scale)
         raw = torch.log(torch.expm1(torch.tensor(float(init_scale - min_scale))))  # softplus^-1
         self.raw_scale = nn.Parameter(raw.expand(1 if scale_type == "global" else self.data_dim).clone())
@@ -217,11 +219,11 @@ class CategoricalLikelihood(DecoderLikelihood):
     unit_interval = True
 
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (200, 200),
-                 activation: str = "tanh", num_levels: int = 17):
+                 activation: str = "tanh", num_levels: int = 17, net=None):
         if int(num_levels) != num_levels or num_levels < 2:
             raise ValueError(f"likelihood.num_levels must be an integer >= 2, got {num_levels!r}")
         self.num_levels = int(num_levels)  # read by DecoderLikelihood.__init__ to size the decoder
-        super().__init__(data_dim, latent_dim, hidden, activation)
+        super().__init__(data_dim, latent_dim, hidden, activation, net)
 
     @property
     def outputs_per_pixel(self) -> int:

@@ -282,7 +282,7 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         (config(num_cluster=5), "model 'gmvae' has no option 'num_cluster'; its options are: latent_dim, "),
         ({**config(), "prior": {"name": "vamp"}}, r"model 'gmvae' has its own prior .* remove the prior section"),
         ({"model": {"name": "gmvae"}}, r"model 'gmvae' needs a 'likelihood' section: a name \(bernoulli, "),
-        ({**config(), "model": {"name": "hmm"}}, "unknown model 'hmm'; choose one of: gmvae, vae"),
+        ({**config(), "model": {"name": "hmm"}}, "unknown model 'hmm'; choose one of: gmvae, two_layer, vae"),
         (config(init="kmeans"), "unknown model.init 'kmeans'; choose one of: vade, random"),
         (config(pretrain_epochs=0), "model.pretrain_epochs must be an integer >= 1, got 0"),
         (config(warmup_epochs=-1), "model.warmup_epochs must be an integer >= 0, got -1"),
@@ -430,7 +430,7 @@ def test_cli_trains_evaluates_and_draws_a_gmvae(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["model=gmvaee"], "unknown model 'gmvaee'; choose one of: gmvae, vae"),
+    (["model=gmvaee"], "unknown model 'gmvaee'; choose one of: gmvae, two_layer, vae"),
     (["model=gmvae", "prior=vamp"], "model 'gmvae' has its own prior p(c) p(z|c) and guide q(c|x) q(z|x,c); "
                                     "remove the prior section"),
 ])

@@ -93,14 +93,16 @@ def without_analytic_kl(guide_tr, model_tr) -> list:
             if traces.site_kind(site) == "latent" and _analytic_kl(site["fn"], model_tr.nodes[name]["fn"]) is None]
 
 
-def elbo_terms(model, guide, *args, data_plate: str = "data", **kwargs):
+def elbo_terms(model, guide, *args, data_plate: str = "data", analytic_kl: bool = True, **kwargs):
     """Per-point ELBO(x_n) = E_q[log p(x_n | z)] − KL(q(z | x_n) || p(z)), each term estimated with
     one z ~ q(z | x): returns (log_lik, kl), shape (n,) each.
 
     log_lik sums the model's observed sites at that z; kl sums, over the guide's latent sites,
     torch's closed-form KL(q || p) where one is registered for the pair, else the one-draw Monte
     Carlo term log q(z|x) − log p(z). Model-only latents, drawn from the model, belong to log_lik's
-    expectation. Unscaled: a minibatch's subsampling scale does not enter.
+    expectation. Unscaled: a minibatch's subsampling scale does not enter. ``analytic_kl=False``
+    takes the Monte Carlo term at every site (for guides whose later sites depend on earlier
+    draws, where the closed form at the drawn parents is biased).
     """
     guide_tr, model_tr = traces.trace_pair(model, guide, args, kwargs)
     lay = traces.layout(prune_subsample_sites(guide_tr), prune_subsample_sites(model_tr), data_plate)
@@ -111,7 +113,7 @@ def elbo_terms(model, guide, *args, data_plate: str = "data", **kwargs):
             log_lik = log_lik + traces.per_point(traces.site_log_prob(site), site, lay)
         elif kind == "latent" and name in guide_tr.nodes:
             q = guide_tr.nodes[name]
-            term = _analytic_kl(q["fn"], site["fn"])
+            term = _analytic_kl(q["fn"], site["fn"]) if analytic_kl else None
             if term is None:
                 term = traces.site_log_prob(q) - traces.site_log_prob(site)
             kl = kl + traces.per_point(scale_and_mask(term, 1.0, site["mask"]), site, lay)

@@ -32,7 +32,9 @@ class IWAE(Objective):
         reparameterized equivalent, so the guide's gradient is sum_k w~_k^2 (d log w_k / dz_k) dz_k/dphi
         (weights (1 - r) w~ + r w~^2 when latents carry a relative scale r); the model's is standard.
         Unbiased, with a variance that does not grow with K.
-    stl and dreg need one latent site per data point in the guide (as the library's guides have).
+    With several latent sites (q(z1|x) q(z2|z1)), d log w / dz with phi held fixed also counts
+    how each z enters the conditionals of the sites after it, log q(z2 | z1; phi) through z1
+    (:func:`_parent_path_term`).
 
     :param data_plate: name of the plate over data points; every latent and observed site is in it.
     """
@@ -95,16 +97,20 @@ class IWAE(Objective):
             return bound, scale, (scale * bound).sum()
         w = log_w.detach().softmax(0)
         surrogate = (w * log_p).sum()
+        coefficients = {}
         for name, site in latents.items():
             path = log_q[name] - log_q_score[name]  # value 0; gradient: only through z's reparameterization
+            coefficients[name] = w
             if self.estimator == "dreg":
                 r = traces.site_scale(site, layout, K) / scale  # relative scale of this latent
                 weight = (1 - r) + r * w
                 z_model = model_tr.nodes[name]["value"]
                 if z_model.requires_grad:
                     z_model.register_hook(_times(_to_site(weight, site, layout)))
-                path = weight * path
-            surrogate = surrogate - (w * path).sum()
+                coefficients[name] = w * weight
+            surrogate = surrogate - (coefficients[name] * path).sum()
+        if len(latents) > 1 and torch.is_grad_enabled():
+            surrogate = surrogate - _parent_path_term(latents, log_q_score, coefficients)
         return bound, scale, surrogate
 
     def _check_latents(self, guide_tr) -> None:
@@ -113,9 +119,6 @@ class IWAE(Objective):
             if not site["fn"].has_rsample:
                 raise ValueError(f"objective iwae needs reparameterized guide sites, but {name!r} "
                                  f"({type(site['fn']).__name__}) has no rsample; use objective=elbo")
-        if self.estimator != "standard" and len(latents) > 1:
-            raise ValueError(f"estimator={self.estimator} needs a guide with one latent site per data point, this "
-                             f"one has {sorted(latents)}; use objective.estimator=standard")
 
 
 def _model_terms(model_tr, latents, layout, K):
@@ -138,6 +141,21 @@ def _model_terms(model_tr, latents, layout, K):
     if scale is None:
         raise ValueError("the model has no observed site; objective iwae needs observations")
     return log_p, scale
+
+
+def _parent_path_term(latents, log_q_score, coefficients) -> torch.Tensor:
+    """The surrogate term whose phi-gradient is sum_j c_j (d log q_j / d z_i) dz_i/dphi over every
+    guide site i that site j's conditional q_j(z_j | z_i, ...; phi) takes as an input: the part of
+    the path derivative of log q(z; phi) at fixed phi that runs through the conditionals of later
+    sites, not through z_j itself. ``log_q_score[j]`` = log q_j at z_j detached, whose gradient
+    with respect to z_i is exactly that dependence; c_j are the per-(particle, point) weights of
+    site j's path term (w~ for stl, w~ times its DReG weight for dreg)."""
+    score = sum((coefficients[name] * log_q_score[name]).sum() for name in latents)
+    values = [site["value"] for site in latents.values() if site["value"].requires_grad]
+    if not values or not score.requires_grad:
+        return score.new_zeros(())
+    grads = torch.autograd.grad(score, values, retain_graph=True, allow_unused=True)
+    return sum((g.detach() * v).sum() for g, v in zip(grads, values) if g is not None)
 
 
 def _to_site(t: torch.Tensor, site, layout) -> torch.Tensor:
