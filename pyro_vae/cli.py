@@ -178,6 +178,8 @@ def _ais_arguments(parser, steps: int, chains: int, leapfrog: bool = True) -> No
     if leapfrog:
         parser.add_argument("--ais.num-leapfrog", dest="num_leapfrog", type=int, default=10,
                             help="leapfrog steps per HMC transition (default 10)")
+    parser.add_argument("--ais.start", dest="start", choices=("guide", "prior"), default="guide",
+                        help="where the chains start: the guide q(z|x) (default) or the prior p(z)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the run's)")
     parser.add_argument("--no-progress", action="store_true")
     parser.error = fail
@@ -208,7 +210,8 @@ def _evaluate(argv) -> None:
                              device=args.device)
         else:
             r = evaluate_ais_run(args.run_dir, args.method, args.num_steps, args.num_chains, args.num_points,
-                                 args.num_samples, args.num_leapfrog, not args.no_progress, data, args.device)
+                                 args.num_samples, args.num_leapfrog, args.start, not args.no_progress, data,
+                                 args.device)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     finally:
@@ -243,13 +246,17 @@ def _gaps(argv) -> None:
     parser.add_argument("--flexible", action="store_true", help="also a full-covariance Gaussian per image")
     parser.add_argument("--opt-steps", type=int, default=3000, help="most Adam steps per image (default 3000)")
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam's step size (default 0.01)")
+    parser.add_argument("--no-stl", dest="stl", action="store_false",
+                        help="the full reparameterized gradient instead of sticking the landing (for flow guides)")
     _ais_arguments(parser, 1000, 16, leapfrog=False)
     data, argv = _key_values(argv)
-    argv = [a[:-5] if a.startswith("--flexible=") and a.lower().endswith("=true") else a for a in argv]
+    flags = {"--flexible=true": "--flexible", "--flexible=false": None, "--stl=false": "--no-stl", "--stl=true": None}
+    argv = [flags.get(a.lower(), a) for a in argv if flags.get(a.lower(), a) is not None]
     args = parser.parse_args(argv)
     try:
         r = gaps_run(args.run_dir, args.num_points, args.num_steps, args.num_chains, args.flexible,
-                     not args.no_progress, data, args.device, opt_steps=args.opt_steps, lr=args.lr)
+                     not args.no_progress, data, args.device, opt_steps=args.opt_steps, lr=args.lr, stl=args.stl,
+                     start=args.start)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     rows = [("log p(x) (AIS)", "log_px"), ("ELBO, amortized guide", "elbo_amortized"),

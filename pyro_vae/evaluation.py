@@ -175,7 +175,7 @@ def read_evaluation(run_dir: str) -> dict:
 
 def evaluate_ais_run(run_dir: str, method: str = "ais", num_steps: int = 1000, num_chains: int = 16,
                      num_points: Optional[int] = None, num_samples: int = 5000, num_leapfrog: int = 10,
-                     progress: bool = True, data: Optional[Mapping[str, Any]] = None,
+                     start: str = "guide", progress: bool = True, data: Optional[Mapping[str, Any]] = None,
                      device: Optional[str] = None) -> Dict[str, Any]:
     """AIS of the test log p(x), or BDMC bounds on simulated data, for a trained run: one entry,
     added to (or replacing the same setting's in) evaluation.json's ``method`` list, and the figure
@@ -185,7 +185,8 @@ def evaluate_ais_run(run_dir: str, method: str = "ais", num_steps: int = 1000, n
     test images (default all), beside importance sampling with ``num_samples`` draws on the same
     images (its means at K = 10, 100, … are the figure's lines). ``"bdmc"``: :func:`pyro_vae.bdmc`
     on ``num_points`` images simulated from the model (default 100). ``num_steps`` T ≥ 1,
-    ``num_chains`` M and ``num_leapfrog`` as there; ``data``, ``device``: see :func:`load_run`.
+    ``num_chains`` M, ``num_leapfrog`` and ``start`` (``"guide"`` or ``"prior"``: a flow guide
+    inverts itself at every leapfrog step) as there; ``data``, ``device``: see :func:`load_run`.
     """
     if method not in ("ais", "bdmc"):
         raise ValueError(f"method must be 'is', 'ais' or 'bdmc', got {method!r}")
@@ -194,12 +195,12 @@ def evaluate_ais_run(run_dir: str, method: str = "ais", num_steps: int = 1000, n
     vae, cfg, splits = load_run(run_dir, device, data)
     test_x = check_and_binarize(splits, vae.likelihood).test_x
     n = positive_int(num_points, "num_points") if num_points is not None else len(test_x) if method == "ais" else 100
-    x, seed, start = test_x[:n], int(cfg["seed"]), time.perf_counter()
-    entry = {"num_steps": T, "num_chains": M, "num_leapfrog": L, "num_points": len(x)}
+    x, seed, t0 = test_x[:n], int(cfg["seed"]), time.perf_counter()
+    entry = {"num_steps": T, "num_chains": M, "num_leapfrog": L, "num_points": len(x), "start": start}
     with vae.without_param_store():
         if method == "ais":
-            r = estimate_log_px(vae.model, vae.guide, x, M, method="ais", num_steps=T, num_leapfrog=L, seed=seed,
-                                progress=progress, warn=False)
+            r = estimate_log_px(vae.model, vae.guide, x, M, method="ais", num_steps=T, num_leapfrog=L, start=start,
+                                seed=seed, progress=progress, warn=False)
             prefixes = [k for k in (1, 10, 100, 1000, 5000) if k <= K] + [K]
             base = estimate_log_px(vae.model, vae.guide, x, K, prefix_sizes=prefixes, seed=seed, progress=False,
                                    warn=False)
@@ -208,11 +209,12 @@ def evaluate_ais_run(run_dir: str, method: str = "ais", num_steps: int = 1000, n
                          is_log_px_by_k={str(k): mean_se(v) for k, v in base.log_px_by_k.items()},
                          ais_minus_is=mean_se(r.log_px - base.log_px))
         else:
-            b = bdmc(vae.model, vae.guide, x, M, T, num_leapfrog=L, seed=seed, progress=progress)
+            b = bdmc(vae.model, vae.guide, x, M, T, num_leapfrog=L, start=start, seed=seed, progress=progress)
             entry.update(lower=mean_se(b.lower), upper=mean_se(b.upper), gap=mean_se(b.gap))
-    entry["seconds"] = time.perf_counter() - start
+    entry["seconds"] = time.perf_counter() - t0
     evaluation = read_evaluation(run_dir)
-    same = lambda e: all(e.get(k) == entry[k] for k in ("num_steps", "num_chains", "num_leapfrog", "num_points"))  # noqa: E731
+    same = lambda e: all(e.get(k, "guide") == entry[k] for k in ("num_steps", "num_chains", "num_leapfrog",  # noqa: E731
+                                                                  "num_points", "start"))
     evaluation[method] = sorted([e for e in evaluation.get(method, []) if not same(e)] + [entry],
                                 key=lambda e: (e["num_points"], e["num_chains"], e["num_steps"]))
     atomic_write_json(os.path.join(run_dir, "evaluation.json"), evaluation)

@@ -108,7 +108,8 @@ class FullCovariance:
 
 def inference_gaps(model, encoder, x: torch.Tensor, *, num_chains: int = 16, num_steps: int = 500,
                    num_elbo_samples: int = 1000, opt_steps: int = 3000, opt_particles: int = 16, lr: float = 1e-2,
-                   tol: float = 1e-3, flexible: bool = False, site: str = "z", data_plate: str = "data",
+                   tol: float = 1e-3, flexible: bool = False, stl: bool = True, site: str = "z",
+                   data_plate: str = "data",
                    points_per_pass: int = 100, seed: int | None = 0, progress: bool = True,
                    **ais_options) -> GapsResult:
     """The approximation and amortization gaps of ``encoder`` for ``model`` at every row of ``x``.
@@ -123,6 +124,9 @@ def inference_gaps(model, encoder, x: torch.Tensor, *, num_chains: int = 16, num
         the mean ELBO of its last 100 steps rose by less than ``tol`` nats per point over the 100 before.
     :param opt_particles: draws per point and step of the training ELBO; ``lr``: Adam's step size.
     :param flexible: also the per-point full-covariance Gaussian.
+    :param stl: the sticking-the-landing gradient; False: the full reparameterized gradient. STL
+        scores z at detached parameters, which a flow (the IAF guide) can only do by inverting
+        itself, one pass per latent dimension: use False there.
     :param points_per_pass: points optimized together (independently: each has its own parameters).
     :param seed: if given, run under ``torch.manual_seed(seed)`` and restore the global RNG afterwards.
     """
@@ -152,7 +156,7 @@ def inference_gaps(model, encoder, x: torch.Tensor, *, num_chains: int = 16, num
             with torch.no_grad():
                 init = encoder.net(xs).detach()
             out["amortized"].append(gap.elbo(encoder.distribution, init))
-            best, n_steps = gap.optimize(encoder.distribution, init, opt_steps, opt_particles, lr, tol)
+            best, n_steps = gap.optimize(encoder.distribution, init, opt_steps, opt_particles, lr, tol, stl)
             out["optimized"].append(gap.elbo(encoder.distribution, best))
             steps.append(n_steps)
             if flexible:
@@ -160,7 +164,7 @@ def inference_gaps(model, encoder, x: torch.Tensor, *, num_chains: int = 16, num
                     q_best = encoder.distribution(best)
                     full = FullCovariance(q_best.event_shape[-1])
                     init_full = full.params_of(q_best)
-                best_full, n_steps = gap.optimize(full.distribution, init_full, opt_steps, opt_particles, lr, tol)
+                best_full, n_steps = gap.optimize(full.distribution, init_full, opt_steps, opt_particles, lr, tol, stl)
                 out["flexible"].append(gap.elbo(full.distribution, best_full))
                 steps.append(n_steps)
     cat = {k: tuple(torch.cat(t) for t in zip(*v)) if v else (None, None) for k, v in out.items()}
@@ -186,9 +190,11 @@ class _Pass:
         self.num_elbo_samples = num_elbo_samples
 
     def log_weights(self, distribution, params, num_particles, stl):
-        """log p(x, z) − log q(z) (S, n), z ~ q reparameterized; ``stl``: log q at detached parameters."""
-        z = distribution(params).rsample((num_particles,))
-        score = distribution(params.detach() if stl else params)
+        """log p(x, z) − log q(z) (S, n), z ~ q reparameterized; ``stl``: log q at detached parameters
+        (else by q itself, which scores its own draw without inverting a flow)."""
+        q = distribution(params)
+        z = q.rsample((num_particles,))
+        score = distribution(params.detach()) if stl else q
 
         def guide(x):
             with pyro.plate(self.plate, len(x), dim=self.layout.data_dim):
@@ -198,14 +204,14 @@ class _Pass:
         log_p, log_q = traces.log_densities(guide_tr, model_tr, self.layout, num_particles, dtype=z.dtype)
         return log_p - log_q
 
-    def optimize(self, distribution, init, max_steps, num_particles, lr, tol, window: int = 100):
-        """λ* by Adam on −Σ_n ELBO(x_n; λ_n) (STL gradient), from ``init``: (λ*, steps taken)."""
+    def optimize(self, distribution, init, max_steps, num_particles, lr, tol, stl, window: int = 100):
+        """λ* by Adam on −Σ_n ELBO(x_n; λ_n), from ``init``: (λ*, steps taken)."""
         params = init.clone().requires_grad_()
         optim = torch.optim.Adam([params], lr=lr)
         history, n = [], len(self.x)
         with pyro.validation_enabled(False):
             for step in range(1, max_steps + 1):
-                loss = -self.log_weights(distribution, params, num_particles, stl=True).mean(0).sum()
+                loss = -self.log_weights(distribution, params, num_particles, stl).mean(0).sum()
                 optim.zero_grad()
                 loss.backward()
                 optim.step()
@@ -216,6 +222,7 @@ class _Pass:
         return params.detach(), step
 
     @torch.no_grad()
+    @pyro.validation_enabled(False)
     def elbo(self, distribution, params):
         """(ELBO per point, its Monte Carlo standard error), each (n,) float64."""
         chunk = max(1, 8192 // len(self.x))
