@@ -233,9 +233,11 @@ def gaps_run(run_dir: str, num_points: int = 100, num_steps: int = 1000, num_cha
     N, T = positive_int(num_points, "num_points"), positive_int(num_steps, "ais.num_steps")
     M = positive_int(num_chains, "ais.num_chains")
     vae, cfg, splits = load_run(run_dir, device, data)
-    if not hasattr(getattr(vae, "encoder", None), "distribution"):
-        raise ValueError(f"the model of {run_dir} has no amortized guide of the library's families "
-                         f"(pyro_vae.guides); the inference gap is measured for VAEs")
+    from .guides import Guide
+
+    if getattr(type(getattr(vae, "encoder", None)), "distribution", Guide.distribution) is Guide.distribution:
+        raise ValueError(f"the model of {run_dir} has no guide whose distribution can be built from parameters "
+                         f"(Guide.distribution, pyro_vae.guides); the inference gap is measured for VAEs")
     x = check_and_binarize(splits, vae.likelihood).test_x[:N]
     vae.requires_grad_(False)  # only the per-image parameters train
     start = time.perf_counter()
