@@ -111,7 +111,7 @@ def inference_gaps(model, encoder, x: torch.Tensor, *, num_chains: int = 16, num
                    tol: float = 1e-3, flexible: bool = False, stl: bool = True, site: str = "z",
                    data_plate: str = "data",
                    points_per_pass: int = 100, seed: int | None = 0, progress: bool = True,
-                   **ais_options) -> GapsResult:
+                   log_px: tuple | None = None, **ais_options) -> GapsResult:
     """The approximation and amortization gaps of ``encoder`` for ``model`` at every row of ``x``.
 
     :param model: Pyro model ``model(x)`` with the latent ``site`` (batch (n,), event (d,)) inside
@@ -120,8 +120,9 @@ def inference_gaps(model, encoder, x: torch.Tensor, *, num_chains: int = 16, num
         each point and ``encoder.distribution(params)`` the distribution (a :class:`pyro_vae.guides.Guide`).
     :param num_chains, num_steps: M and T of the AIS estimate of log p(x); other AIS options as keywords.
     :param num_elbo_samples: draws per point for each final ELBO.
-    :param opt_steps: at most this many Adam steps per pass of points; a pass stops earlier once
-        the mean ELBO of its last 100 steps rose by less than ``tol`` nats per point over the 100 before.
+    :param opt_steps: at most this many Adam steps per pass of points. Each time the mean ELBO of
+        the last 100 steps rose by less than ``tol`` nats per point over the 100 before, the step
+        size falls tenfold; the third such plateau ends the pass.
     :param opt_particles: draws per point and step of the training ELBO; ``lr``: Adam's step size.
     :param flexible: also the per-point full-covariance Gaussian.
     :param stl: the sticking-the-landing gradient; False: the full reparameterized gradient. STL
@@ -129,6 +130,8 @@ def inference_gaps(model, encoder, x: torch.Tensor, *, num_chains: int = 16, num
         itself, one pass per latent dimension: use False there.
     :param points_per_pass: points optimized together (independently: each has its own parameters).
     :param seed: if given, run under ``torch.manual_seed(seed)`` and restore the global RNG afterwards.
+    :param log_px: (log p(x) per point, its standard error) estimated already, e.g. by an earlier
+        AIS run with these settings: used instead of running AIS.
     """
     for key, value in (("num_elbo_samples", num_elbo_samples), ("opt_steps", opt_steps),
                        ("opt_particles", opt_particles), ("points_per_pass", points_per_pass)):
@@ -145,9 +148,11 @@ def inference_gaps(model, encoder, x: torch.Tensor, *, num_chains: int = 16, num
             with pyro.plate(data_plate, len(x), dim=dim):
                 pyro.sample(site, encoder(x))
         layout = traces.inspect(model, amortized, (x[:points_per_pass],), {}, data_plate, option="data_plate")
-        with torch.no_grad():
-            ais = estimate_log_px(model, amortized, x, num_chains, method="ais", num_steps=num_steps,
-                                  data_plate=data_plate, progress=progress, warn=False, **ais_options)
+        if log_px is None:
+            with torch.no_grad():
+                ais = estimate_log_px(model, amortized, x, num_chains, method="ais", num_steps=num_steps,
+                                      data_plate=data_plate, progress=progress, warn=False, **ais_options)
+            log_px = (ais.log_px, ais.stderr)
         out = {k: [] for k in ("amortized", "optimized", "flexible")}
         steps = []
         for start in range(0, len(x), points_per_pass):
@@ -168,7 +173,7 @@ def inference_gaps(model, encoder, x: torch.Tensor, *, num_chains: int = 16, num
                 out["flexible"].append(gap.elbo(full.distribution, best_full))
                 steps.append(n_steps)
     cat = {k: tuple(torch.cat(t) for t in zip(*v)) if v else (None, None) for k, v in out.items()}
-    return GapsResult(ais.log_px, ais.stderr, *cat["amortized"], *cat["optimized"], *cat["flexible"], steps)
+    return GapsResult(*log_px, *cat["amortized"], *cat["optimized"], *cat["flexible"], steps)
 
 
 def _data_dim(model, x, site, data_plate) -> int:
@@ -204,11 +209,15 @@ class _Pass:
         log_p, log_q = traces.log_densities(guide_tr, model_tr, self.layout, num_particles, dtype=z.dtype)
         return log_p - log_q
 
-    def optimize(self, distribution, init, max_steps, num_particles, lr, tol, stl, window: int = 100):
-        """λ* by Adam on −Σ_n ELBO(x_n; λ_n), from ``init``: (λ*, steps taken)."""
+    def optimize(self, distribution, init, max_steps, num_particles, lr, tol, stl, window: int = 100,
+                 decays: int = 2):
+        """λ* by Adam on −Σ_n ELBO(x_n; λ_n), from ``init``: (λ*, steps taken). On a plateau (the
+        mean ELBO of the last ``window`` steps above the previous window's by less than ``tol`` per
+        point) the step size falls tenfold; the ``decays + 1``-th plateau ends it. (At a fixed step
+        size Adam's noise keeps hundreds of parameters a point away from the optimum.)"""
         params = init.clone().requires_grad_()
         optim = torch.optim.Adam([params], lr=lr)
-        history, n = [], len(self.x)
+        history, n, plateaus = [], len(self.x), 0
         with pyro.validation_enabled(False):
             for step in range(1, max_steps + 1):
                 loss = -self.log_weights(distribution, params, num_particles, stl).mean(0).sum()
@@ -216,9 +225,14 @@ class _Pass:
                 loss.backward()
                 optim.step()
                 history.append(-loss.item() / n)
-                if step % window == 0 and step >= 2 * window:
+                if step % window == 0 and len(history) >= 2 * window:
                     if sum(history[-window:]) / window - sum(history[-2 * window:-window]) / window < tol:
-                        break
+                        plateaus += 1
+                        if plateaus > decays:
+                            break
+                        for group in optim.param_groups:
+                            group["lr"] /= 10
+                        history = []  # the next comparison is between windows at the new step size
         return params.detach(), step
 
     @torch.no_grad()

@@ -81,6 +81,12 @@ def test_gaps_writes_its_table_json_and_figure(run_dir, capsys):
     # the per-image optimum starts at the encoder's output: it can only be as good or better
     assert gaps["amortization_gap"]["mean"] > -3 * gaps["amortization_gap"]["se"]
     assert (run_dir / "figures" / "gaps.png").read_bytes()[:4] == b"\x89PNG"
+    assert not gaps["log_px_reused"]
+    cli.main(["gaps", str(run_dir), "num_points=6", "ais.num_steps=3", "ais.num_chains=2", "opt_steps=100",
+              "--no-progress"])  # the same AIS settings: its log p(x) is reused, the guides trained again
+    again = json.loads((run_dir / "gaps.json").read_text())
+    assert again["log_px_reused"] and again["per_image"]["log_px"] == gaps["per_image"]["log_px"]
+    assert "elbo_flexible" not in again["per_image"] and again["opt_steps"] == 100
     with pytest.raises(SystemExit):
         cli.main(["gaps", str(run_dir), "num_points=0"])
     assert "num_points must be an integer >= 1, got 0" in capsys.readouterr().err

@@ -75,8 +75,8 @@ def run_ais(variant):
 def run_gaps(variant):
     T = GAPS["steps"]
     path = os.path.join(RUNS, variant, "gaps.json")
-    if os.path.isfile(path) and json.load(open(path))["num_steps"] == T:
-        return
+    if os.path.isfile(path) and json.load(open(path))["num_steps"] == T and "log_px_reused" in json.load(open(path)):
+        return  # done (gaps.json of the first version, without log_px_reused, had Adam at one fixed step size)
     pyro_vae("gaps", os.path.join(RUNS, variant), f"num_points={GAPS['points']}", f"ais.num_steps={T}",
              f"ais.num_chains={GAPS['chains']}", *(["flexible=true"] if GAPS["flexible"] else []),
              *(["stl=false"] if variant == "iaf_guide" else []), *start(variant))  # STL would invert the flow at every step
