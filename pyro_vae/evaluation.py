@@ -2,12 +2,21 @@
 
     evaluate(vae, test_x, K, seed)   -> (ELBO terms, LogPxEstimate): the evaluation phase of a run
     evaluate_run(run_dir, K)         -> evaluation.json and figures/log_px_vs_k.png, no retraining
+    evaluate_ais_run(run_dir, "ais" | "bdmc", T, M)
+                                     -> an AIS or BDMC entry of evaluation.json, figures/log_px_vs_steps.png
+    gaps_run(run_dir, N)             -> gaps.json and figures/gaps.png: the inference gap (pyro_vae.gaps)
+
+evaluation.json keeps the importance-sampling figures at its top level and a list of entries under
+"ais" and "bdmc", one per setting (T, M, leapfrog steps, points); each command rewrites only its
+own part, atomically.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import time
 import warnings
 from typing import Any, Dict, Mapping, Optional
 
@@ -16,12 +25,14 @@ from tqdm.auto import tqdm
 
 from . import distributed, figures
 from .checkpoint import atomic_write_json
+from .bdmc import bdmc
 from .checks import positive_int
 from .build import build_model
 from .checkpoint import load_checkpoint
 from .config import DataConfig, check_device
 from .data import check_and_binarize, load_splits
 from .distributed import TEST, Ranks, derive_seed
+from .gaps import inference_gaps
 from .marginal import LogPxEstimate, estimate_log_px
 from .metrics import mean_se
 from .rundir import read_status
@@ -144,5 +155,110 @@ def evaluate_run(run_dir: str, num_samples: int = 5000, progress: bool = True,
               "fraction_pareto_k_above_0.7": estimate.fraction_pareto_k_above(0.7)}
     fig = figures.plot_log_px_vs_k(estimate, title=f"test log p(x) vs K ({os.path.basename(os.path.abspath(run_dir))})")
     figures.save_figure(fig, os.path.join(run_dir, "figures", "log_px_vs_k.png"))
-    atomic_write_json(os.path.join(run_dir, "evaluation.json"), result)
+    previous = read_evaluation(run_dir)
+    atomic_write_json(os.path.join(run_dir, "evaluation.json"),
+                      {**result, **{k: previous[k] for k in ("ais", "bdmc") if k in previous}})
     return result
+
+
+def read_evaluation(run_dir: str) -> dict:
+    """The run's evaluation.json ({} when there is none yet)."""
+    return _read_json(os.path.join(run_dir, "evaluation.json"))
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is damaged ({e}); delete it and evaluate again") from None
+
+
+def evaluate_ais_run(run_dir: str, method: str = "ais", num_steps: int = 1000, num_chains: int = 16,
+                     num_points: Optional[int] = None, num_samples: int = 5000, num_leapfrog: int = 10,
+                     start: str = "guide", progress: bool = True, data: Optional[Mapping[str, Any]] = None,
+                     device: Optional[str] = None) -> Dict[str, Any]:
+    """AIS of the test log p(x), or BDMC bounds on simulated data, for a trained run: one entry,
+    added to (or replacing the same setting's in) evaluation.json's ``method`` list, and the figure
+    figures/log_px_vs_steps.png of every entry so far (:func:`pyro_vae.figures.plot_log_px_vs_steps`).
+
+    ``"ais"``: :func:`pyro_vae.estimate_log_px` with ``method="ais"`` on the first ``num_points``
+    test images (default all), beside importance sampling with ``num_samples`` draws on the same
+    images (its means at K = 10, 100, … are the figure's lines). ``"bdmc"``: :func:`pyro_vae.bdmc`
+    on ``num_points`` images simulated from the model (default 100). ``num_steps`` T ≥ 1,
+    ``num_chains`` M, ``num_leapfrog`` and ``start`` (``"guide"`` or ``"prior"``: a flow guide
+    inverts itself at every leapfrog step) as there; ``data``, ``device``: see :func:`load_run`.
+    """
+    if method not in ("ais", "bdmc"):
+        raise ValueError(f"method must be 'is', 'ais' or 'bdmc', got {method!r}")
+    T, M = positive_int(num_steps, "ais.num_steps"), positive_int(num_chains, "ais.num_chains")
+    L, K = positive_int(num_leapfrog, "ais.num_leapfrog"), positive_int(num_samples, "num_samples")
+    vae, cfg, splits = load_run(run_dir, device, data)
+    test_x = check_and_binarize(splits, vae.likelihood).test_x
+    n = positive_int(num_points, "num_points") if num_points is not None else len(test_x) if method == "ais" else 100
+    x, seed, t0 = test_x[:n], int(cfg["seed"]), time.perf_counter()
+    entry = {"num_steps": T, "num_chains": M, "num_leapfrog": L, "num_points": len(x), "start": start}
+    with vae.without_param_store():
+        if method == "ais":
+            r = estimate_log_px(vae.model, vae.guide, x, M, method="ais", num_steps=T, num_leapfrog=L, start=start,
+                                seed=seed, progress=progress, warn=False)
+            prefixes = [k for k in (1, 10, 100, 1000, 5000) if k <= K] + [K]
+            base = estimate_log_px(vae.model, vae.guide, x, K, prefix_sizes=prefixes, seed=seed, progress=False,
+                                   warn=False)
+            entry.update(log_px=mean_se(r.log_px), accept_rate=r.accept_rate.mean().item(),
+                         step_size_median=r.step_size.median().item(), is_num_samples=K,
+                         is_log_px_by_k={str(k): mean_se(v) for k, v in base.log_px_by_k.items()},
+                         ais_minus_is=mean_se(r.log_px - base.log_px))
+        else:
+            b = bdmc(vae.model, vae.guide, x, M, T, num_leapfrog=L, start=start, seed=seed, progress=progress)
+            entry.update(lower=mean_se(b.lower), upper=mean_se(b.upper), gap=mean_se(b.gap))
+    entry["seconds"] = time.perf_counter() - t0
+    evaluation = read_evaluation(run_dir)
+    same = lambda e: all(e.get(k, "guide") == entry[k] for k in ("num_steps", "num_chains", "num_leapfrog",  # noqa: E731
+                                                                  "num_points", "start"))
+    evaluation[method] = sorted([e for e in evaluation.get(method, []) if not same(e)] + [entry],
+                                key=lambda e: (e["num_points"], e["num_chains"], e["num_steps"]))
+    atomic_write_json(os.path.join(run_dir, "evaluation.json"), evaluation)
+    fig = figures.plot_log_px_vs_steps(evaluation, title=os.path.basename(os.path.abspath(run_dir)))
+    figures.save_figure(fig, os.path.join(run_dir, "figures", "log_px_vs_steps.png"))
+    return entry
+
+
+def gaps_run(run_dir: str, num_points: int = 100, num_steps: int = 1000, num_chains: int = 16,
+             flexible: bool = False, progress: bool = True, data: Optional[Mapping[str, Any]] = None,
+             device: Optional[str] = None, **options) -> Dict[str, Any]:
+    """The inference gap of a trained VAE on its first ``num_points`` test images
+    (:func:`pyro_vae.gaps.inference_gaps`, AIS with ``num_steps`` and ``num_chains``; its other
+    ``options`` as keywords): writes gaps.json (the summary, and the per-image values) and
+    figures/gaps.png, and returns the summary. The AIS log p(x) of an earlier gaps.json with the same
+    AIS settings and images is reused (it does not depend on the guide optimization)."""
+    N, T = positive_int(num_points, "num_points"), positive_int(num_steps, "ais.num_steps")
+    M = positive_int(num_chains, "ais.num_chains")
+    vae, cfg, splits = load_run(run_dir, device, data)
+    from .guides import Guide
+
+    if getattr(type(getattr(vae, "encoder", None)), "distribution", Guide.distribution) is Guide.distribution:
+        raise ValueError(f"the model of {run_dir} has no guide whose distribution can be built from parameters "
+                         f"(Guide.distribution, pyro_vae.guides); the inference gap is measured for VAEs")
+    x = check_and_binarize(splits, vae.likelihood).test_x[:N]
+    vae.requires_grad_(False)  # only the per-image parameters train
+    start = time.perf_counter()
+    ais = {"num_steps": T, "num_chains": M, "num_points": len(x), "start": options.get("start", "guide")}
+    previous = _read_json(os.path.join(run_dir, "gaps.json"))
+    if all(previous.get(k, "guide") == v for k, v in ais.items()) and "log_px" in previous.get("per_image", {}):
+        nan = [float("nan")] * len(x)  # the AIS of an earlier gaps run with these settings
+        options["log_px"] = tuple(torch.tensor(previous["per_image"].get(k, nan), dtype=torch.float64)
+                                  for k in ("log_px", "log_px_se"))
+    with vae.without_param_store():
+        r = inference_gaps(vae.model, vae.encoder, x, num_chains=M, num_steps=T, flexible=flexible,
+                           seed=int(cfg["seed"]), progress=progress, **options)
+    summary = {"run_dir": os.path.abspath(run_dir), **ais, "flexible": flexible, "log_px_reused": "log_px" in options,
+               **{k: v for k, v in options.items() if k != "log_px"}, **r.summary(), "seconds": time.perf_counter() - start}
+    per_image = {k: getattr(r, k).tolist() for k in ("log_px", "log_px_se", "elbo_amortized", "elbo_optimized",
+                                                     "elbo_flexible") if getattr(r, k) is not None}
+    atomic_write_json(os.path.join(run_dir, "gaps.json"), {**summary, "per_image": per_image})
+    fig = figures.plot_gaps(r, title=f"inference gap ({os.path.basename(os.path.abspath(run_dir))}, {len(x)} test images)")
+    figures.save_figure(fig, os.path.join(run_dir, "figures", "gaps.png"))
+    return summary

@@ -1,4 +1,5 @@
-"""Figures (PNG): a run's training curves, images and latent space, and log p̂_K(x) against K.
+"""Figures (PNG): a run's training curves, images and latent space, log p̂_K(x) against K, and AIS
+and BDMC against the number of steps.
 
 matplotlib is imported here only, lazily (the library core never needs it). Every figure is a
 ``matplotlib.figure.Figure`` on the file-only Agg canvas (:func:`new_figure`, the one place a
@@ -133,3 +134,73 @@ def plot_log_px_vs_k(results, exact: float | None = None, ax=None, title: str | 
     ax.legend(fontsize="small")
     ax.figure.tight_layout()
     return ax.figure
+
+
+def plot_log_px_vs_steps(evaluation: dict, title: str | None = None):
+    """AIS and BDMC of a run against the number of steps T (``evaluation.json``'s ``"ais"`` and
+    ``"bdmc"`` entries, :func:`pyro_vae.evaluation.evaluate_ais_run`).
+
+    Left: test images, the mean AIS log p̂(x) against T, one curve per (chains, points), bars ±1
+    s.e. of the mean of AIS − IS (paired over points), and the importance-sampling means at K on
+    the same points as horizontal lines. Right: data simulated from the model, the mean BDMC
+    lower and upper bounds against T, closing as T grows, each gap annotated (mean ± s.e.).
+    """
+    fig = new_figure(figsize=(10, 3.8))
+    left, right = fig.subplots(1, 2)
+    curves = {}
+    for e in evaluation.get("ais", []):
+        curves.setdefault((e["num_chains"], e["num_points"]), []).append(e)
+    for (M, n), entries in sorted(curves.items()):
+        entries = sorted(entries, key=lambda e: e["num_steps"])
+        left.errorbar([e["num_steps"] for e in entries], [e["log_px"]["mean"] for e in entries],
+                      yerr=[e["ais_minus_is"]["se"] for e in entries], marker="o", capsize=3, label=f"AIS, M={M}, {n} images")
+        for (k, v), style in zip(sorted(entries[-1]["is_log_px_by_k"].items(), key=lambda kv: int(kv[0])),
+                                 ["dotted", "dashdot", "dashed", (0, (5, 1)), "solid"] * 4):
+            if int(k) > 1:
+                left.axhline(v["mean"], color="gray", linestyle=style, linewidth=1, label=f"IS, K={k}")
+    left.set(xscale="log", xlabel="AIS steps T", ylabel="mean log p̂(x)  [nats]", title="test images")
+    e = sorted(evaluation.get("bdmc", []), key=lambda e: e["num_steps"])
+    if e:
+        ts = [b["num_steps"] for b in e]
+        for key, color, how in (("lower", "C0", "forward"), ("upper", "C3", "reverse")):
+            right.plot(ts, [b[key]["mean"] for b in e], marker="o", color=color, label=f"BDMC {key} ({how} AIS)")
+        right.fill_between(ts, [b["lower"]["mean"] for b in e], [b["upper"]["mean"] for b in e],
+                           color="C1", alpha=0.2, label="gap")
+        for b in e:
+            right.annotate(f"{b['gap']['mean']:.2f}±{b['gap']['se']:.2f}", (b["num_steps"], b["upper"]["mean"]),
+                           textcoords="offset points", xytext=(0, 6), ha="center", fontsize="x-small")
+    right.set(xscale="log", xlabel="AIS steps T", ylabel="mean bound on log p(x̃)  [nats]",
+              title="data simulated from the model")
+    for ax in (left, right):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="x-small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gaps(result, title: str | None = None):
+    """The inference gap of a :class:`pyro_vae.gaps.GapsResult`: left, the means over points of the
+    approximation and amortization gaps stacked (± 1 s.e. over points), and the flexible guide's
+    approximation gap when measured; right, the two gaps of every point against each other."""
+    fig = new_figure(figsize=(9, 3.6))
+    left, right = fig.subplots(1, 2)
+    approx, amort = mean_se(result.approximation), mean_se(result.amortization)
+    left.bar([0], [approx["mean"]], yerr=[approx["se"]], capsize=3, color="C0", label="approximation")
+    left.bar([0], [amort["mean"]], bottom=[approx["mean"]], yerr=[amort["se"]], capsize=3, color="C1",
+             label="amortization")
+    ticks = ["family of the guide"]
+    if result.elbo_flexible is not None:
+        flex = mean_se(result.log_px - result.elbo_flexible)
+        left.bar([1], [flex["mean"]], yerr=[flex["se"]], capsize=3, color="C2", label="approximation, full covariance")
+        ticks.append("full covariance")
+    left.set_xticks(range(len(ticks)), ticks)
+    left.set(ylabel="nats per image", title="log p(x) − ELBO(q), mean over images")
+    left.legend(fontsize="x-small")
+    right.scatter(result.approximation.cpu(), result.amortization.cpu(), s=8)
+    right.set(xlabel="approximation gap [nats]", ylabel="amortization gap [nats]", title="per image")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

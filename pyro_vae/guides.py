@@ -1,6 +1,9 @@
 """Amortized guides q(z|x). Each is an ``nn.Module`` whose ``forward(x)`` maps a batch x of shape
 (B, D) to a reparameterizable Pyro distribution over z with batch shape (B,) and event shape
-(latent_dim,). The VAE samples it at site "z" inside the data plate."""
+(latent_dim,), in two parts: the encoder network ``net`` gives the raw parameters of each point,
+and :meth:`Guide.distribution` builds the distribution from them (so a distribution can also be
+built from per-point parameters of one's own, as :mod:`pyro_vae.gaps` does). The VAE samples it
+at site "z" inside the data plate."""
 
 from __future__ import annotations
 
@@ -36,7 +39,12 @@ class Guide(nn.Module):
         self.data_dim = positive_int(data_dim, "data_dim")
         self.latent_dim = positive_int(latent_dim, "latent_dim")
 
-    def forward(self, x) -> dist.TorchDistribution:  # pragma: no cover - interface
+    def forward(self, x) -> dist.TorchDistribution:
+        """q(z|x) = :meth:`distribution` of ``net(x)``."""
+        return self.distribution(self.net(x))
+
+    def distribution(self, params: torch.Tensor) -> dist.TorchDistribution:  # pragma: no cover - interface
+        """The distribution of z given the raw parameters ``params`` (B, P) the encoder would output."""
         raise NotImplementedError
 
 
@@ -68,8 +76,8 @@ class DiagonalNormalGuide(Guide):
         super().__init__(data_dim, latent_dim)
         self.net = _encoder(net, self.data_dim, hidden, activation, 2 * self.latent_dim)
 
-    def forward(self, x):
-        loc, raw_scale = self.net(x).chunk(2, dim=-1)
+    def distribution(self, params):
+        loc, raw_scale = params.chunk(2, dim=-1)
         return dist.Normal(loc, F.softplus(raw_scale) + MIN_SCALE).to_event(1)
 
 
@@ -112,10 +120,9 @@ class FullNormalGuide(Guide):
             self.net[-1].weight[2 * d:].zero_()
             self.net[-1].bias[2 * d:].zero_()
 
-    def forward(self, x):
+    def distribution(self, params):
         d = self.latent_dim
-        out = self.net(x)
-        loc, raw_diag, off = out[..., :d], out[..., d:2 * d], out[..., 2 * d:]
+        loc, raw_diag, off = params[..., :d], params[..., d:2 * d], params[..., 2 * d:]
         tril = torch.diag_embed(F.softplus(raw_diag) + MIN_SCALE)
         tril[..., self.lower[0], self.lower[1]] = self.off_diagonal_scale * off
         return dist.MultivariateNormal(loc, scale_tril=tril)
@@ -164,10 +171,9 @@ class IAFGuide(Guide):
             for _ in range(num_flows)])
         self.register_buffer("reverse", torch.arange(self.latent_dim - 1, -1, -1))
 
-    def forward(self, x):
+    def distribution(self, params):
         d = self.latent_dim
-        out = self.net(x)
-        loc, raw_scale, h = out[..., :d], out[..., d:2 * d], torch.tanh(out[..., 2 * d:])
+        loc, raw_scale, h = params[..., :d], params[..., d:2 * d], torch.tanh(params[..., 2 * d:])
         steps = []
         for i, flow in enumerate(self.flows):
             steps += ([] if i == 0 else [T.Permute(self.reverse)]) + [flow.condition(h)]
