@@ -96,12 +96,25 @@ def variant_overrides(study: Mapping[str, Any], task_overrides: Sequence[str]) -
 
 
 def run_name(cfg: Mapping[str, Any], task_overrides: Sequence[str]) -> str:
-    """``seed=S`` and the command line's other overrides (sorted, ``key=value`` joined by commas,
-    those of :data:`NOT_IN_NAME` left out): the same name for the same command."""
-    items = {_override_key(a): a.lstrip("+~") for a in task_overrides}
-    items = {k: v for k, v in items.items() if k not in NOT_IN_NAME and not k.startswith("hydra.")}
-    items["seed"] = f"seed={cfg['seed']}"
-    return ",".join(items[k] for k in sorted(items)).replace("/", "_")
+    """``seed=S`` and the command line's other overrides, each ``key=value`` with the value as the
+    config holds it (``train.early_stopping=false``, ``model.hidden=[16]``; a group's choice as
+    named), sorted and joined by commas, those of :data:`NOT_IN_NAME` left out: the same name for
+    the same command."""
+    import json
+
+    def value(key, text):
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is None and text not in ("null", "None"):
+            return text
+        return text if isinstance(node, Mapping) else node if isinstance(node, str) else \
+            json.dumps(node, separators=(",", ":"))
+
+    keys = {_override_key(a): a.split("=", 1)[1] for a in task_overrides if "=" in a}
+    keys = {k: v for k, v in keys.items() if k not in NOT_IN_NAME and not k.startswith("hydra.")}
+    keys["seed"] = str(cfg["seed"])
+    return ",".join(f"{k}={value(k, keys[k])}" for k in sorted(keys)).replace("/", "_")
 
 
 class RunSkipped(Exception):
