@@ -1,10 +1,13 @@
-"""The ``pyro-vae`` command: ``train`` (a Hydra app: overrides and -m sweeps), ``evaluate`` and ``gaps``.
+"""The ``pyro-vae`` command: ``train`` (a Hydra app: overrides, -m sweeps and studies), ``evaluate``, ``gaps``
+and ``report``.
 
     pyro-vae train [KEY=VALUE ...] [-m]                  a new run directory
     pyro-vae train resume=RUN_DIR                        continue a stopped run exactly
     pyro-vae evaluate RUN_DIR [num_samples=K] [data.path=DIR] [device=cuda]
     pyro-vae evaluate RUN_DIR method=ais|bdmc [ais.num_steps=T] [ais.num_chains=M] [num_points=N]
     pyro-vae gaps RUN_DIR [num_points=N] [flexible=true] [ais.num_steps=T]   the inference gap
+    pyro-vae train -m +study=NAME seed=0,1,2            a study: every variant x seed (pyro_vae.study)
+    pyro-vae report DIR [--by KEY ...]                   the runs under DIR: table and figures
 
 Every mistake (an unknown key or choice, a bad value, a damaged file) is one line on stderr and
 exit status 2; Ctrl-C and SIGTERM stop a run cleanly (status 130) and say how to resume it. Under
@@ -35,6 +38,9 @@ commands:
             `pyro-vae evaluate --help` lists its options.
   gaps      the inference gap on N test images: approximation and amortization gaps
             (pyro-vae gaps RUN_DIR num_points=100); `pyro-vae gaps --help` lists its options.
+  report    every run under a directory in one table (mean ± SE over seeds per variant) and
+            figures: pyro-vae report runs/compare_models [--by KEY ...]
+studies:    pyro-vae train -m +study=compare_models seed=0,1,2   (pyro_vae/conf/study/; repeat to resume)
 
 data-parallel: torchrun --standalone --nproc_per_node=N $(which pyro-vae) train|evaluate ..."""
 
@@ -56,15 +62,53 @@ def group_choices(group: str):
     return sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, group)) if f.endswith(".yaml"))
 
 
-def check_group_overrides(overrides) -> None:
-    """Reject an unknown choice (``prior=vampp``) in one line before Hydra composes anything."""
+def check_group_overrides(overrides, where: str = "") -> None:
+    """Reject an unknown choice (``prior=vampp``) in one line before Hydra composes anything;
+    ``where`` says whose overrides they are (a study's variant)."""
     for arg in overrides:
         match = re.fullmatch(rf"\+?({'|'.join(GROUPS)})=(.*)", arg)
         if match:
             group, values = match.groups()
             for value in values.split(","):  # sweeps: prior=a,b
                 if value not in group_choices(group):
-                    fail(f"unknown {group} {value!r}; choose one of: {', '.join(group_choices(group))}")
+                    fail(f"{where}unknown {group} {value!r}; choose one of: {', '.join(group_choices(group))}")
+
+
+def check_study(argv) -> list:
+    """The command line with its study checked whole before any run starts (a typo in the last
+    variant would otherwise surface after hours of training the others): the study and variants
+    exist, and each variant's overrides compose into a valid config."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import check_config
+    from .study import expand_argv, load_study
+
+    try:
+        argv = expand_argv(argv)
+    except ValueError as e:
+        fail(str(e))
+    names = [a.split("=", 1)[1] for a in argv if re.fullmatch(r"\+?study=.*", a)]
+    if not names:
+        return argv
+    study = load_study(names[-1])
+    variants = [a.split("=", 1)[1] for a in argv if a.startswith("study.variant=")][-1].split(",")
+    for variant in variants:
+        where = f"study {study['name']}, variant {variant}: "
+        check_group_overrides(study["variants"][variant], where)
+        try:
+            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                cfg = compose("config", overrides=[f"+study={names[-1]}", *study["variants"][variant]])
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+            cfg.pop("study"), cfg.pop("resume")
+            check_config(cfg)
+        except (HydraException, OmegaConfBaseException) as e:
+            fail(where + hydra_message(e))
+        except ValueError as e:
+            fail(where + str(e))
+    return argv
 
 
 def hydra_message(error: Exception) -> str:
@@ -114,6 +158,7 @@ def _interrupt(signum, frame):
 
 def _train(argv) -> None:
     import hydra
+    from hydra import compose
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -122,22 +167,33 @@ def _train(argv) -> None:
     from .distributed import RankLost, teardown
     from .experiment import RunFinished, RunInterrupted, resume_run, train_run
     from .rundir import read_config, remove_if_empty
+    from .study import RunSkipped, run_in, run_name, variant_overrides
     from .train import TrainingDiverged
 
     check_group_overrides(argv)
+    argv = check_study(argv)
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def app(cfg) -> None:
         hydra_dir = HydraConfig.get().runtime.output_dir  # made by Hydra; a run claims it, or a free neighbour
         overrides = list(HydraConfig.get().overrides.task)
         cfg = OmegaConf.to_container(cfg, resolve=True)
-        resume = cfg.pop("resume")
+        resume, study = cfg.pop("resume"), cfg.pop("study", None)
         try:
-            if resume:
+            if study:  # a study's job: its variant's config, in its own directory (pyro_vae.study)
+                if resume:
+                    fail("resume= does not go with +study=: repeat the study's command, which resumes its "
+                         "interrupted runs")
+                composed = variant_overrides(study, overrides)
+                cfg = OmegaConf.to_container(compose("config", overrides=composed), resolve=True)
+                cfg.pop("resume"), cfg.pop("study")
+                run_dir = os.path.join(study["dir"], study["variant"], run_name(cfg, overrides))
+                summary = run_in(cfg, run_dir, composed, progress=cfg["progress"])
+            elif resume:
                 summary = resume_run(resume, changes=resume_changes(cfg, overrides, read_config(resume)))
             else:
                 summary = train_run(cfg, hydra_dir, progress=cfg["progress"], overrides=overrides)
-        except RunFinished as e:
+        except (RunFinished, RunSkipped) as e:
             print(e)
             return
         except RunInterrupted as e:
@@ -270,6 +326,26 @@ def _gaps(argv) -> None:
         print(f"  {label:40s} {r[key]['mean']:9.3f} ± {r[key]['se']:.3f}")
 
 
+def _report(argv) -> None:
+    from .report import markdown, report
+
+    parser = argparse.ArgumentParser(prog="pyro-vae report", description="every run under DIR in one table: "
+                                     "mean ± standard error over seeds per variant, and figures")
+    parser.add_argument("dir", help="a directory of runs (a study's study.dir, a -m sweep's directory)")
+    parser.add_argument("--by", nargs="+", metavar="KEY", help="the config keys that tell variants apart "
+                        "(default: every key that differs, the seed excepted)")
+    parser.add_argument("--out", help="where report.md, report.csv and the figures go (default: DIR)")
+    parser.error = fail
+    args = parser.parse_args(argv)
+    try:
+        df, keys = report(args.dir, args.by, args.out)
+    except ValueError as e:
+        fail(str(e))
+    print(markdown(df, keys))
+    print(f"written: {os.path.join(args.out or args.dir, 'report.md')}, report.csv, report_curves.png, "
+          f"report_log_px_vs_k.png")
+
+
 def _yaml_value(text: str):
     import yaml
 
@@ -278,7 +354,7 @@ def _yaml_value(text: str):
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": _train, "evaluate": _evaluate, "gaps": _gaps}
+    commands = {"train": _train, "evaluate": _evaluate, "gaps": _gaps, "report": _report}
     if not argv or argv[0] in ("-h", "--help"):
         print(HELP)
         return

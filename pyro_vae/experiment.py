@@ -230,6 +230,7 @@ def _evaluate(run: Prepared, result, run_dir: str, train_seconds: float, progres
     }
     if estimate is not None:
         summary["test_log_px"] = {**mean_se(estimate.log_px), "num_samples": num_samples}
+        summary["test_log_px_by_k"] = {str(k): mean_se(v) for k, v in estimate.log_px_by_k.items()}
         summary["fraction_pareto_k_above_0.7"] = estimate.fraction_pareto_k_above(0.7)
     summary.update(vae.extra_summary(data))  # a model's own numbers (e.g. the GMVAE's cluster accuracy)
     if run.ranks.is_main:

@@ -3,9 +3,11 @@
 A run is a directory with a ``config.yaml`` (what ``pyro-vae train`` writes). Runs are grouped by
 the config keys whose values differ between them, the seed excepted: each group is one variant,
 its seeds the repeats. Per variant the table gives the mean ± standard error (sd / √n over seeds)
-of the test ELBO, the test log p(x) (importance sampling, and any other method in the run's
-``evaluation.json``), the fraction of test points with Pareto k̂ > 0.7, the best epoch and the
-training time, and how many runs did not finish. It is printed as Markdown and written as
+of the test ELBO, the test log p(x) (importance sampling in the run's summary, and as
+``eval_log_px_<method>`` each estimate in its ``evaluation.json``: ``is`` from ``pyro-vae
+evaluate``, ``ais`` or any other ``method`` it names), the fraction of test points with Pareto
+k̂ > 0.7, the best epoch and the training time, and how many runs did not finish. The runs of a
+study (:mod:`pyro_vae.study`) are rows by their variant's name. It is printed as Markdown and written as
 ``report.md`` and ``report.csv`` (pandas); ``report_curves.png`` draws each variant's validation
 score per epoch with a band of ± one standard error over seeds, and ``report_log_px_vs_k.png``
 the test log p(x) against K where runs were evaluated at several K.
@@ -22,6 +24,7 @@ import pandas as pd
 
 from .checkpoint import atomic_write_text
 from .figures import new_figure, save_figure
+from .rundir import read_overrides
 
 NOT_VARIANTS = ("seed", "progress", "data.path")  # repeats, or settings that do not change a run's meaning
 
@@ -59,6 +62,9 @@ def find_runs(root: str) -> List[dict]:
         if os.path.isfile(os.path.join(directory, "metrics.jsonl")):
             with open(os.path.join(directory, "metrics.jsonl")) as f:
                 history = [json.loads(line) for line in f if line.strip()]
+        variants = [o.split("=", 1)[1] for o in read_overrides(directory) if o.startswith("study.variant=")]
+        if variants:  # a study's run (pyro_vae.study): its variant's name, as a key of its config
+            config["study.variant"] = variants[-1]
         runs.append({"dir": directory, "config": config, "summary": summary, "history": history,
                      "evaluation": _read_json(os.path.join(directory, "evaluation.json")),
                      "status": status or ("finished" if summary is not None else "unfinished")})
@@ -67,19 +73,32 @@ def find_runs(root: str) -> List[dict]:
 
 def variant_keys(runs: Sequence[dict], by: Sequence[str] | None = None) -> List[str]:
     """The config keys that tell variants apart: those that differ between runs (``by``, if given;
-    then any other differing key is a one-line ``ValueError``, rather than averaged away)."""
+    then any other differing key is a one-line ``ValueError``, rather than averaged away).
+
+    Runs of a study (each with a ``study.variant``) are told apart by their variant's name first,
+    and then by the keys that differ between runs of the same variant."""
     keys = sorted({k for r in runs for k in r["config"]} - set(NOT_VARIANTS))
-    differing = [k for k in keys if len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1]
+
+    def differing(group):
+        return [k for k in keys if len({json.dumps(r["config"].get(k), sort_keys=True) for r in group}) > 1]
+
+    named = ["study.variant"] if all("study.variant" in r["config"] for r in runs) else []
+    groups: Dict[str, List[dict]] = {}
+    for r in runs:
+        groups.setdefault(r["config"].get("study.variant") if named else "", []).append(r)
+    extra = sorted({k for group in groups.values() for k in differing(group)})
     if by is None:
-        return differing
+        return named + extra
     unknown = [k for k in by if k not in keys]
     if unknown:
-        raise ValueError(f"--by {unknown[0]}: no run has that config key; keys that differ: {', '.join(differing)}")
-    hidden = [k for k in differing if k not in by]
+        raise ValueError(f"--by {unknown[0]}: no run has that config key; keys that differ: "
+                         f"{', '.join(named + extra) or 'none'}")
+    hidden = [k for k in extra if k not in by]
     if hidden:
-        raise ValueError(f"the runs also differ in {', '.join(hidden)}, which --by does not name; add them to "
-                         f"--by, or report a directory whose runs differ only in {', '.join(by)}")
-    return list(by)
+        within = " between runs of the same study variant" if named else ""
+        raise ValueError(f"the runs also differ in {', '.join(hidden)}{within}, which --by does not name; add them "
+                         f"to --by, or report a directory whose runs differ only in {', '.join(by)}")
+    return named + [k for k in by if k not in named]
 
 
 def _mean_se(values) -> tuple:
@@ -98,9 +117,11 @@ def _metrics(run) -> Dict[str, float]:
     out = {"test_elbo": s.get("test_elbo"), "test_log_px": (s.get("test_log_px") or {}).get("mean"),
            "best_epoch": s.get("best_epoch"), "train_seconds": s.get("train_seconds"),
            "frac_pareto_k_above_0.7": e.get("fraction_pareto_k_above_0.7", s.get("fraction_pareto_k_above_0.7"))}
+    if isinstance(e.get("log_px"), dict):  # `pyro-vae evaluate`: importance sampling unless it names its method
+        out[f"eval_log_px_{e.get('method', 'is')}"] = e["log_px"].get("mean")
     for method, result in e.items():  # e.g. {"ais": {"log_px": {"mean": ...}}} beside the IS numbers
         if isinstance(result, dict) and isinstance(result.get("log_px"), dict):
-            out[f"test_log_px_{method}"] = result["log_px"].get("mean")
+            out[f"eval_log_px_{result.get('method', method)}"] = result["log_px"].get("mean")
     return out
 
 
@@ -164,14 +185,18 @@ def curves_figure(runs, keys, path) -> bool:
     return drawn
 
 
+def _log_px_by_k(run):
+    """{K: {"mean", "se"}}: from evaluation.json (`pyro-vae evaluate`), else the run's own summary."""
+    return (run["evaluation"] or {}).get("log_px_by_k") or (run["summary"] or {}).get("test_log_px_by_k")
+
+
 def log_px_vs_k_figure(runs, keys, path) -> bool:
-    """Test log p(x) against K per variant, from the runs' evaluation.json (mean over seeds ± SE)."""
+    """Test log p(x) against K per variant (:func:`_log_px_by_k`; mean over seeds ± SE over seeds)."""
     fig = new_figure(figsize=(6, 4))
     ax = fig.subplots()
     drawn = False
     for label in sorted({_label(r, keys) for r in runs}):
-        by_k = [r["evaluation"]["log_px_by_k"] for r in runs
-                if _label(r, keys) == label and r["evaluation"] and r["evaluation"].get("log_px_by_k")]
+        by_k = [_log_px_by_k(r) for r in runs if _label(r, keys) == label and _log_px_by_k(r)]
         if not by_k:
             continue
         ks = sorted({int(k) for b in by_k for k in b})
@@ -188,9 +213,9 @@ def log_px_vs_k_figure(runs, keys, path) -> bool:
     return drawn
 
 
-def report(root: str, by: Sequence[str] | None = None, out: str | None = None) -> pd.DataFrame:
+def report(root: str, by: Sequence[str] | None = None, out: str | None = None):
     """Gather the runs under ``root``, write report.md, report.csv and the figures into ``out``
-    (default ``root``), and return the table."""
+    (default ``root``); returns (the table, the keys that tell its rows apart)."""
     if not os.path.isdir(root):
         raise ValueError(f"{root} is not a directory; pass a directory of pyro-vae runs")
     runs = find_runs(root)
@@ -204,4 +229,4 @@ def report(root: str, by: Sequence[str] | None = None, out: str | None = None) -
     atomic_write_text(os.path.join(out, "report.csv"), df.to_csv(index=False))
     curves_figure(runs, keys, os.path.join(out, "report_curves.png"))
     log_px_vs_k_figure(runs, keys, os.path.join(out, "report_log_px_vs_k.png"))
-    return df
+    return df, keys

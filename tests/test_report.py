@@ -38,7 +38,7 @@ def test_report_groups_by_the_differing_keys_and_averages_over_seeds(tmp_path):
     write_run(root, "b0", 0, 0.003, -90.0)
     write_run(root, "b1", 1, 0.003, -91.0)
     write_run(root, "b2", 2, 0.003, -95.0, status="running")  # counted, not averaged
-    df = report(root)
+    df, _ = report(root)
     assert list(df["train.lr"]) == [0.001, 0.003] and list(df["seeds"]) == [3, 2]
     assert list(df["not_finished"]) == [0, 1]
     a = df.iloc[0]
@@ -62,7 +62,7 @@ def test_report_refuses_what_it_cannot_average(tmp_path):
         report(str(tmp_path), by=["train.lr"])
     with pytest.raises(ValueError, match="--by train.lrr: no run has that config key"):
         report(str(tmp_path), by=["train.lrr"])
-    df = report(str(tmp_path), by=["train.lr", "objective.estimator"])
+    df, _ = report(str(tmp_path), by=["train.lr", "objective.estimator"])
     assert len(df) == 2
     with pytest.raises(ValueError, match="is not a directory"):
         report(str(tmp_path / "missing"))
