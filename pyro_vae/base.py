@@ -97,9 +97,16 @@ class LatentVariableModel(nn.Module):
                              f"number of points the batch was drawn from, or None")
         return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device))
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        """A point summary of q(z | x), shape (N, latent_dim)."""
-        raise NotImplementedError
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, num_samples: int = 64) -> torch.Tensor:
+        """A point summary of q(z | x), shape (N, latent_dim): the mean of ``self.encoder(x)`` (Monte
+        Carlo over ``num_samples`` draws when the family has no closed form); for a model whose first
+        latent comes from ``self.encoder``, the others override it."""
+        q = self.encoder(x)
+        try:
+            return q.mean
+        except NotImplementedError:
+            return q.rsample((num_samples,)).mean(0)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import pyro
 import torch
 
 from .base import LatentVariableModel
-from .guides import DiagonalNormalGuide, Guide
+from .guides import Guide
 from .likelihoods import Likelihood
 from .objectives.elbo import elbo_terms
 from .priors import Prior
@@ -71,15 +71,6 @@ class HierarchicalVAE(LatentVariableModel):
         one (z1, z2) ~ q. The KL term is Monte Carlo at every site: z2 is drawn given z1, so the
         closed-form KL(q(z1|x) || p(z1|z2)) at that z2 would be biased. Returns (log_lik, kl), shape (N,)."""
         return elbo_terms(self.model, self.guide, x, analytic_kl=False)
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor, num_samples: int = 64) -> torch.Tensor:
-        """A point summary of q(z1|x): its mean (Monte Carlo when the family has no closed form)."""
-        q = self.encoder(x)
-        try:
-            return q.mean
-        except NotImplementedError:
-            return q.rsample((num_samples,)).mean(0)
 
     @torch.no_grad()
     def sample(self, num_samples: int) -> torch.Tensor:

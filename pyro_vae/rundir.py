@@ -13,11 +13,14 @@ file of a run (:data:`RUN_FILES`) is taken, whether or not it has a status.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import re
+import signal
 import socket
+import threading
 import time
 import uuid
 from typing import Any, Dict, Mapping, Optional, Sequence
@@ -139,3 +142,27 @@ def read_config(run_dir: str) -> Dict[str, Any]:
         what = "does not exist" if not os.path.isdir(run_dir) else "holds no config.yaml"
         raise FileNotFoundError(f"{run_dir} {what}: it is not a pyro-vae run directory")
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+@contextlib.contextmanager
+def signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Hold Ctrl-C and SIGTERM while the block runs and deliver them after it, so that the files of
+    one epoch (its metrics line, the checkpoint, state.pt, status.json) are written together: a stop
+    lands before them or after them, never between two of them. Outside the main thread (where
+    Python cannot set handlers), and for a signal the process ignores, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending, saved = [], {s: signal.getsignal(s) for s in signums}
+    for s, handler in saved.items():
+        if handler not in (signal.SIG_IGN, None):
+            signal.signal(s, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            if handler not in (signal.SIG_IGN, None):
+                signal.signal(s, handler)
+        if pending:  # the first one, as it would have arrived; the handler decides what it does
+            handler = saved[pending[0]]
+            handler(pending[0], None) if callable(handler) else signal.raise_signal(pending[0])

@@ -35,6 +35,7 @@ from .checks import positive_int
 from .data import RunData
 from .distributed import EPOCH, ORDER, RANK, SINGLE, Ranks, derive_seed
 from .objectives import as_objective
+from .rundir import signals_held
 
 
 @dataclass
@@ -259,13 +260,14 @@ def fit(vae, data: RunData, objective, cfg: TrainConfig, log: Optional[Callable[
             bar.update(1)
             bar.set_postfix({"train_elbo": f"{record['train_elbo']:.2f}",
                              result.selection_metric: f"{record[result.selection_metric]:.2f}"})
-            if log is not None:
-                log(record)
-            if improved and on_best is not None:
-                on_best(result)
             done = result.stopped_early or epoch >= cfg.epochs
-            if on_epoch_end is not None:
-                on_epoch_end(TrainState.capture(vae, optimizer, order, result, seed, ranks))
+            with signals_held():  # the epoch's files are written together, or not at all
+                if log is not None:
+                    log(record)
+                if improved and on_best is not None:
+                    on_best(result)
+                if on_epoch_end is not None:
+                    on_epoch_end(TrainState.capture(vae, optimizer, order, result, seed, ranks))
     bar.close()
     if not result.best_state:
         raise TrainingDiverged(f"{result.selection_metric} was never finite in {result.epochs_run} epochs; "

@@ -64,15 +64,6 @@ class VAE(LatentVariableModel):
         return elbo_terms(self.model, self.guide, x)
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, num_samples: int = 64) -> torch.Tensor:
-        """A point summary of q(z|x): its mean (Monte Carlo when the family has no closed form)."""
-        q = self.encoder(x)
-        try:
-            return q.mean
-        except NotImplementedError:
-            return q.rsample((num_samples,)).mean(0)
-
-    @torch.no_grad()
     def sample(self, num_samples: int) -> torch.Tensor:
         """E[x | z] for z ~ p(z) (the decoder's mean image, not a noisy draw), shape (num_samples, D)."""
         z = self.prior().sample((num_samples,))

@@ -47,7 +47,8 @@ def test_every_variant_of_every_study_builds(name, variant):
 def test_a_variant_overrides_the_study_and_the_command_line_overrides_both():
     cfg = variant_config("compare_models", "vamp_prior_ref")
     assert cfg["data"]["name"] == "mnist5k" and cfg["eval"]["num_samples"] == 5000  # the study's
-    assert cfg["model"] == {"name": "vae", "latent_dim": 40, "hidden": [300, 300], "activation": "gated"}
+    assert cfg["model"] == {"name": "vae", "latent_dim": 40, "hidden": [300, 300], "activation": "gated",
+                            "net": "mlp", "image_shape": None, "channels": None}
     assert cfg["train"]["epochs"] == 300 and cfg["train"]["patience"] == 10  # the variant's, the study's
     task = ["+study=compare_models", "study.variant=vae_ref", "train.epochs=2", "seed=1"]
     s = {**study.load_study("compare_models"), "variant": "vae_ref"}
