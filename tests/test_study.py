@@ -6,7 +6,6 @@ line. The subprocess tests are marked ``heavy``."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from helpers import ENV, FAST, one_line_error, pyro_vae, same_run
+from helpers import ENV, FAST, pyro_vae, same_run
 from pyro_vae import build_model, build_objective, cli, study
 from pyro_vae.config import check_config
 from pyro_vae.rundir import read_status
