@@ -118,7 +118,8 @@ def test_conv_every_prior_guide_likelihood_builds_and_has_a_finite_elbo(model):
     conv ones, the ELBO is finite and its gradient reaches every parameter."""
     x = (torch.randint(0, 17, (12, 64)) / 16.0)
     priors = [p for p in PRIORS.names() if model == "vae" or p != "vamp"]
-    for prior, guide, likelihood in itertools.product(priors, GUIDES.names(), LIKELIHOODS.names()):
+    for prior, guide, likelihood in itertools.product(priors, GUIDES.names(),
+                                                      [n for n in LIKELIHOODS.names() if not n.startswith("test_")]):
         options = {**TINY_CONV, "name": model, **({"latent_dim2": 2, "hidden2": [8]} if model == "two_layer" else {})}
         vae = build_model({"model": options, "prior": {"name": prior, **TINY_OPTIONS.get(prior, {})},
                            "guide": {"name": guide, **TINY_OPTIONS.get(guide, {})},

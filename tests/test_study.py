@@ -85,7 +85,6 @@ def test_a_killed_sweep_repeated_ends_as_an_uninterrupted_one(tmp_path):
     again = pyro_vae(*sweep(killed, epochs=8), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count(": best epoch 8, test ELBO") == 2
-    assert len(os.listdir(os.path.join(first, "tensorboard"))) == 2  # resumed (a retrained run would have one)
     assert pyro_vae(*sweep(whole, epochs=8), cwd=tmp_path).returncode == 0
     for variant, run in runs_of(killed).items():
         same_run(runs_of(whole)[variant], run)
