@@ -1,5 +1,5 @@
-"""The ``pyro-vae`` command: ``train`` (a Hydra app: overrides, -m sweeps and studies), ``evaluate``, ``gaps``
-and ``report``.
+"""The ``pyro-vae`` command: ``train`` (a Hydra app: overrides, -m sweeps and studies), ``evaluate``, ``gaps``,
+``report`` and ``exact``.
 
     pyro-vae train [KEY=VALUE ...] [-m]                  a new run directory
     pyro-vae train resume=RUN_DIR                        continue a stopped run exactly
@@ -8,6 +8,7 @@ and ``report``.
     pyro-vae gaps RUN_DIR [num_points=N] [flexible=true] [ais.num_steps=T]   the inference gap
     pyro-vae train -m +study=NAME seed=0,1,2            a study: every variant x seed (pyro_vae.study)
     pyro-vae report DIR [--by KEY ...]                   the runs under DIR: table and figures
+    pyro-vae exact NAME [KEY=VALUE ...] [--out DIR]      a study of an exact model (pyro_vae.studies)
 
 Every mistake (an unknown key or choice, a bad value, a damaged file) is one line on stderr and
 exit status 2; Ctrl-C and SIGTERM stop a run cleanly (status 130) and say how to resume it. Under
@@ -40,6 +41,8 @@ commands:
             (pyro-vae gaps RUN_DIR num_points=100); `pyro-vae gaps --help` lists its options.
   report    every run under a directory in one table (mean ± SE over seeds per variant) and
             figures: pyro-vae report runs/compare_models [--by KEY ...]
+  exact     a study of an exact model, every number checked by a closed form: pyro-vae exact
+            linear_gaussian|gaussian_mixture [KEY=VALUE ...] [--out DIR] (pyro_vae/conf/exact/)
 studies:    pyro-vae train -m +study=compare_models seed=0,1,2   (pyro_vae/conf/study/; repeat to resume)
 
 data-parallel: torchrun --standalone --nproc_per_node=N $(which pyro-vae) train|evaluate ..."""
@@ -346,6 +349,26 @@ def _report(argv) -> None:
           f"report_log_px_vs_k.png")
 
 
+def _exact(argv) -> None:
+    from .studies import exact_study_names, run_exact_study
+
+    parser = argparse.ArgumentParser(prog="pyro-vae exact", description="a study of an exact model (a closed-form "
+                                     "log p(x) checks every number): writes results.md, results.json and figures")
+    parser.add_argument("name", help=f"one of: {', '.join(exact_study_names())}")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (pyro_vae/conf/exact/)")
+    parser.add_argument("--out", help="where its files go (default runs/NAME)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.error = fail
+    args = parser.parse_args(argv)
+    try:
+        run_exact_study(args.name, args.overrides, args.out, progress=not args.no_progress)
+    except ValueError as e:
+        fail(str(e))
+    out = args.out or os.path.join("runs", args.name)
+    print(open(os.path.join(out, "results.md")).read())
+    print(f"written: {os.path.join(out, 'results.md')}, results.json and the figures beside them")
+
+
 def _yaml_value(text: str):
     import yaml
 
@@ -354,7 +377,7 @@ def _yaml_value(text: str):
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": _train, "evaluate": _evaluate, "gaps": _gaps, "report": _report}
+    commands = {"train": _train, "evaluate": _evaluate, "gaps": _gaps, "report": _report, "exact": _exact}
     if not argv or argv[0] in ("-h", "--help"):
         print(HELP)
         return

@@ -55,6 +55,11 @@ def load_study(name: str) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
     if name not in study_names():
+        from .studies import exact_study_names
+
+        if name in exact_study_names():
+            raise ValueError(f"{name} is a study of an exact model, not of training runs: run it with "
+                             f"pyro-vae exact {name}")
         raise ValueError(f"unknown study {name!r}; choose one of: {', '.join(study_names())}")
     return OmegaConf.to_container(OmegaConf.load(os.path.join(STUDY_DIR, f"{name}.yaml")))["study"]
 
