@@ -13,6 +13,7 @@ from pyro import poutine
 from pyro_vae import build_model
 from pyro_vae.exact.linear_gaussian import LinearGaussian, LinearGaussianGuide
 from pyro_vae.objectives import IWAE, OBJECTIVES, MeanFieldELBO, TraceELBO
+from pyro_vae.studies import linear_gaussian as linear_gaussian_study
 
 
 @pytest.fixture
@@ -140,27 +141,9 @@ def test_one_particle_bound_has_the_closed_form_elbo_as_expectation(lg):
 
 def gradient_draws(lg, estimator, K, reps=3000, seed=0):
     """(reps, P) independent per-point gradients of the IWAE loss w.r.t. a linear guide's parameters
-    (A, c, L) and the model offset b: one data point repeated ``reps`` times, each copy with its own
-    copy of the parameters, so one backward pass gives ``reps`` independent gradient draws."""
-    exact = LinearGaussianGuide.perturbed(lg, loc_shift=1.0, scale_factor=1.5)
-    A, c, L, b = (t.expand(reps, *t.shape).clone().requires_grad_()
-                  for t in (exact.A, exact.c, exact.scale_tril, lg.b))
-    x = lg.sample(1, seed=5).expand(reps, -1)
-    d = lg.dims[1]
-
-    def model(x):
-        with pyro.plate("data", reps):
-            z = pyro.sample("z", dist.Normal(torch.zeros(d, dtype=x.dtype), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z @ lg.W.T + b, lg.sigma).to_event(1), obs=x)
-
-    def guide(x):
-        with pyro.plate("data", reps):
-            loc = torch.einsum("rij,rj->ri", A, x) + c
-            pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=L.tril()))
-    torch.manual_seed(seed)
-    grads = torch.autograd.grad(IWAE(K, estimator).differentiable_loss(model, guide, x), (A, c, L, b))
-    lower = torch.tril_indices(d, d)
-    return torch.cat([grads[0].flatten(1), grads[1], grads[2][:, lower[0], lower[1]], grads[3]], 1)
+    (A, c, L: the first 13 entries) and the model offset b, at one x (the study's draws)."""
+    q = LinearGaussianGuide.perturbed(lg, loc_shift=1.0, scale_factor=1.5)
+    return linear_gaussian_study.gradient_draws(lg, q, lg.sample(1, seed=5), estimator, K, reps, seed)
 
 
 @pytest.mark.parametrize("estimator,K", [("stl", 1), ("dreg", 1), ("dreg", 5)])

@@ -20,7 +20,7 @@ import torch
 import pyro
 import pyro.distributions as dist
 
-__all__ = ["LinearGaussian", "LinearGaussianGuide", "gaussian_kl"]
+__all__ = ["LinearGaussian", "LinearGaussianGuide", "gaussian_kl", "log_weight_second_moment"]
 
 
 def gaussian_kl(loc_q, tril_q, loc_p, tril_p) -> torch.Tensor:
@@ -35,6 +35,33 @@ def gaussian_kl(loc_q, tril_q, loc_p, tril_p) -> torch.Tensor:
     logdet = lambda tril: 2 * tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)      # noqa: E731
     return 0.5 * (whitened.pow(2).sum((-2, -1)) + delta.pow(2).sum((-2, -1)) - d
                   + logdet(tril_p) - logdet(tril_q))
+
+
+def log_weight_second_moment(loc_q, tril_q, loc_p, tril_p) -> torch.Tensor:
+    """log E_q[(p(z)/q(z))²] = log ∫ p² / q dz = log(1 + χ²(p || q)) for Gaussians p = N(μ_p, S_p),
+    q = N(μ_q, S_q), given by lower Cholesky factors; broadcasts over batch dims.
+
+    With A = S_p⁻¹ − ½ S_q⁻¹, b = S_p⁻¹ μ_p − ½ S_q⁻¹ μ_q and c = μ_pᵀ S_p⁻¹ μ_p − ½ μ_qᵀ S_q⁻¹ μ_q,
+
+        log ∫ p²/q = −log|2π S_p| + ½ log|2π S_q| + (d/2) log π − ½ log|A| + bᵀ A⁻¹ b − c,
+
+    finite only if A is positive definite (q wider than p/√2 in every direction); +inf otherwise.
+    With p the posterior p(z|x) and q the guide, p/q = w / p(x) is the normalized importance weight,
+    so this is the relative variance 1 + Var_q[w] / p(x)² that sets the IWAE bound's gap for large
+    K: log p(x) − E[L_K] = (E_q[(p/q)²] − 1) / (2K) + O(1/K²).
+    """
+    d = loc_q.shape[-1]
+    prec_p, prec_q = torch.cholesky_inverse(tril_p), torch.cholesky_inverse(tril_q)
+    A = prec_p - 0.5 * prec_q
+    b = (prec_p @ loc_p.unsqueeze(-1) - 0.5 * prec_q @ loc_q.unsqueeze(-1)).squeeze(-1)
+    c = (loc_p.unsqueeze(-2) @ prec_p @ loc_p.unsqueeze(-1) - 0.5 * loc_q.unsqueeze(-2) @ prec_q
+         @ loc_q.unsqueeze(-1)).squeeze((-2, -1))
+    tril_a, info = torch.linalg.cholesky_ex(A)
+    logdet = lambda tril: 2 * tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)      # noqa: E731
+    quad = torch.cholesky_solve(b.unsqueeze(-1), tril_a).squeeze(-1)
+    value = (-logdet(tril_p) - d * math.log(2 * math.pi) + 0.5 * logdet(tril_q) + 0.5 * d * math.log(2 * math.pi)
+             + 0.5 * d * math.log(math.pi) - 0.5 * logdet(tril_a) + (b * quad).sum(-1) - c)
+    return torch.where(info == 0, value, torch.full_like(value, math.inf))
 
 
 class LinearGaussian:
