@@ -29,11 +29,12 @@ import sys
 import torch
 import yaml
 
+from pyro_vae.checkpoint import atomic_write_json
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 RUNS = os.path.join(ROOT, "runs", "gmvae")
 FIGURES = os.path.join(HERE, "figures")
-sys.path.insert(0, ROOT)  # pyro_vae, also without `pip install -e .`
 
 
 def load_config():
@@ -100,8 +101,7 @@ def diagnose(conf, dataset, init, epochs):
     result = {"command": f"python experiments/gmvae/run.py diagnose {dataset} --init {init}"
                          + (f" --epochs {epochs}" if epochs else ""),
               "overrides": args, "init": g.init_history, "epochs": history}
-    with open(os.path.join(FIGURES, key + ".json"), "w") as f:
-        json.dump(result, f, indent=1)
+    atomic_write_json(os.path.join(FIGURES, key + ".json"), result)
     plot_diagnosis(history, g.num_clusters, os.path.join(FIGURES, key + ".png"), f"{dataset}, init={init}")
 
 
@@ -162,8 +162,7 @@ def table():
         seeds = entry["seeds"]
         entry["mean_se"] = {k: mean_se([r[k] for r in seeds]) for k in
                             ("test_log_px", "smallest_share", *keys) if k in seeds[0]}
-    with open(os.path.join(FIGURES, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    atomic_write_json(os.path.join(FIGURES, "results.json"), results)
     for name, entry in results.items():
         print(name, {k: f"{v['mean']:.3f} ± {v['se']:.3f}" for k, v in entry["mean_se"].items()})
 

@@ -1,7 +1,8 @@
-"""The inference-gap study: IS against AIS, BDMC, and the gaps, on the mnist5k models of train.sh,
-through the `pyro-vae` commands (results.md has the story and the tables).
+"""The inference-gap study: IS against AIS, BDMC, and the gaps, on six mnist5k models of the
+compare_models study, through the `pyro-vae` commands (results.md has the story and the tables).
 
-    bash experiments/inference_gap/train.sh                      # the six models, runs/inference_gap/<variant>
+    pyro-vae train -m +study=compare_models seed=0 study.dir=runs/inference_gap \
+        study.variant=vae,iwae_k5,iwae_k50,mixture_prior,iaf_guide,full_cov_guide   # runs/inference_gap/<variant>/seed=0
     python experiments/inference_gap/run.py bdmc [VARIANT ...]   # BDMC gap against T on simulated data
     python experiments/inference_gap/run.py ais [VARIANT ...]    # AIS against T beside IS-5000, test subset
     python experiments/inference_gap/run.py gaps [VARIANT ...]   # the gaps on the test subset, AIS at T = 1000
@@ -39,8 +40,12 @@ def pyro_vae(*args):
     subprocess.run(cmd, check=True, env=env)
 
 
+def run_dir(variant):
+    return os.path.join(RUNS, variant, "seed=0")
+
+
 def evaluation(variant):
-    path = os.path.join(RUNS, variant, "evaluation.json")
+    path = os.path.join(run_dir(variant), "evaluation.json")
     return json.load(open(path)) if os.path.isfile(path) else {}
 
 
@@ -60,24 +65,24 @@ def chosen_steps(variant):
 def run_bdmc(variant):
     for T in BDMC["steps"]:
         if not done(variant, "bdmc", T, BDMC["chains"], BDMC["points"]):
-            pyro_vae("evaluate", os.path.join(RUNS, variant), "method=bdmc", f"ais.num_steps={T}",
+            pyro_vae("evaluate", run_dir(variant), "method=bdmc", f"ais.num_steps={T}",
                      f"ais.num_chains={BDMC['chains']}", f"num_points={BDMC['points']}", *start(variant))
 
 
 def run_ais(variant):
     for T in AIS["steps"]:
         if not done(variant, "ais", T, AIS["chains"], AIS["points"]):
-            pyro_vae("evaluate", os.path.join(RUNS, variant), "method=ais", f"ais.num_steps={T}",
+            pyro_vae("evaluate", run_dir(variant), "method=ais", f"ais.num_steps={T}",
                      f"ais.num_chains={AIS['chains']}", f"num_points={AIS['points']}",
                      f"num_samples={AIS['is_samples']}", *start(variant))
 
 
 def run_gaps(variant):
     T = GAPS["steps"]
-    path = os.path.join(RUNS, variant, "gaps.json")
+    path = os.path.join(run_dir(variant), "gaps.json")
     if os.path.isfile(path) and json.load(open(path))["num_steps"] == T and "log_px_reused" in json.load(open(path)):
         return  # done (gaps.json of the first version, without log_px_reused, had Adam at one fixed step size)
-    pyro_vae("gaps", os.path.join(RUNS, variant), f"num_points={GAPS['points']}", f"ais.num_steps={T}",
+    pyro_vae("gaps", run_dir(variant), f"num_points={GAPS['points']}", f"ais.num_steps={T}",
              f"ais.num_chains={GAPS['chains']}", *(["flexible=true"] if GAPS["flexible"] else []),
              *(["stl=false"] if variant == "iaf_guide" else []), *start(variant))  # STL would invert the flow at every step
 
@@ -87,7 +92,7 @@ def fmt(v):
 
 
 def gaps(variant):
-    path = os.path.join(RUNS, variant, "gaps.json")
+    path = os.path.join(run_dir(variant), "gaps.json")
     return json.load(open(path)) if os.path.isfile(path) else None
 
 
