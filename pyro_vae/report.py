@@ -24,6 +24,7 @@ import pandas as pd
 
 from .checkpoint import atomic_write_text
 from .figures import new_figure, save_figure
+from .metrics import mean_se
 from .rundir import read_overrides
 
 NOT_VARIANTS = ("seed", "progress", "data.path")  # repeats, or settings that do not change a run's meaning
@@ -102,13 +103,12 @@ def variant_keys(runs: Sequence[dict], by: Sequence[str] | None = None) -> List[
 
 
 def _mean_se(values) -> tuple:
+    """(mean, SE) of the values given (None and NaN left out: a run that lacks the number)."""
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    n = len(values)
-    if n == 0:
+    if not values:
         return math.nan, math.nan
-    mean = sum(values) / n
-    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else math.nan
-    return mean, se
+    ms = mean_se(values)
+    return ms["mean"], ms["se"]
 
 
 def _metrics(run) -> Dict[str, float]:

@@ -77,7 +77,7 @@ def test_the_command_writes_its_tables_figures_and_numbers(tmp_path):
     (["compare_models"], ["training study", "pyro-vae train -m +study=compare_models"]),
     (["linear_gaussian", "bounds.num_pointz=3"], ["no key 'bounds.num_pointz'", "num_points, repeats"]),
     (["linear_gaussian", "seed"], ["bad argument 'seed'", "KEY=VALUE"]),
-    (["linear_gaussian", "bounds.num_points=0"], ["bounds.num_points", "positive integer", "got 0"]),
+    (["linear_gaussian", "bounds.num_points=0"], ["bounds.num_points", "integer >= 1", "got 0"]),
     (["linear_gaussian", "gradients.num_draws=1"], ["gradients.num_draws", ">= 2", "got 1"]),
     (["linear_gaussian", "guide.scale_factor=-1"], ["guide.scale_factor", "> 0", "got -1"]),
     (["linear_gaussian", "gradients.estimators=[dreg,iwae]"], ["'iwae'", "standard, stl, dreg"]),

@@ -29,34 +29,28 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from ..checks import positive_int
 from ..exact.linear_gaussian import LinearGaussian, LinearGaussianGuide, gaussian_kl, log_weight_second_moment
 from ..figures import new_figure, save_figure
 from ..objectives import IWAE
 
 
 def check_config(cfg: Dict[str, Any]) -> None:
-    """One-line ``ValueError`` for a value the study cannot use."""
-    def positive_int(key, value):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"study linear_gaussian: {key} must be a positive integer, got {value!r}")
-
+    """A one-line ``ValueError`` for a value the study cannot use; integers given as 3.0 become 3."""
     for key in ("data_dim", "latent_dim"):
-        positive_int(f"model.{key}", cfg["model"][key])
+        cfg["model"][key] = positive_int(cfg["model"][key], f"model.{key}")
     for key, value in (("model.sigma", cfg["model"]["sigma"]), ("guide.scale_factor", cfg["guide"]["scale_factor"])):
         if not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"study linear_gaussian: {key} must be a number > 0, got {value!r}")
-    positive_int("bounds.num_points", cfg["bounds"]["num_points"])
-    positive_int("bounds.repeats", cfg["bounds"]["repeats"])
-    if cfg["gradients"]["num_draws"] in (0, 1) or not isinstance(cfg["gradients"]["num_draws"], int):
-        raise ValueError(f"study linear_gaussian: gradients.num_draws must be an integer >= 2 (a variance needs "
-                         f"two draws), got {cfg['gradients']['num_draws']!r}")
-    positive_int("gradients.num_draws", cfg["gradients"]["num_draws"])
+    cfg["bounds"]["num_points"] = positive_int(cfg["bounds"]["num_points"], "bounds.num_points")
+    cfg["bounds"]["repeats"] = positive_int(cfg["bounds"]["repeats"], "bounds.repeats")
+    cfg["gradients"]["num_draws"] = positive_int(cfg["gradients"]["num_draws"],
+                                                 "gradients.num_draws (a variance needs two draws)", minimum=2)
     for section in ("bounds", "gradients"):
         ks = cfg[section]["num_particles"]
         if not isinstance(ks, list) or not ks:
             raise ValueError(f"study linear_gaussian: {section}.num_particles must be a list of K, got {ks!r}")
-        for k in ks:
-            positive_int(f"{section}.num_particles", k)
+        cfg[section]["num_particles"] = [positive_int(k, f"{section}.num_particles") for k in ks]
     for name in cfg["gradients"]["estimators"]:
         if name not in IWAE.ESTIMATORS:
             raise ValueError(f"study linear_gaussian: gradients.estimators has {name!r}; choose from "
