@@ -7,8 +7,8 @@ by autograd, L + 1 gradient evaluations a transition, a Metropolis test per chai
 per-image step size adapted toward acceptance 0.65, and the same guide start. Throughput is
 images × chains × steps per second; each pair is timed in alternation, several repeats, medians.
 
-    python experiments/benchmarks/bench_ais.py --run-dir runs/inference_gap/vae   # a trained run
-    python experiments/benchmarks/bench_ais.py                                    # fresh He-initialized weights
+    python experiments/benchmarks/bench_ais.py --run-dir runs/inference_gap/vae/seed=0   # a trained run
+    python experiments/benchmarks/bench_ais.py                                           # fresh He-initialized weights
 Options: --images 100 --chains 16 --steps 100 --leapfrog 10 --repeats 3 --threads 1.
 """
 
