@@ -1,13 +1,10 @@
 """Gaussian mixture: the library's exact formulas (pyro_vae.exact) against brute force, and the
-worked example's SVI (experiments/gaussian_mixture/mixture_svi.py) against the truth and scikit-learn.
+trainable mixture's SVI (pyro_vae.exact.mixture_svi) against the truth and scikit-learn.
 
 Statistical tolerances are a stated number of standard errors (SE), with fixed seeds.
 """
 
-import importlib.util
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -19,21 +16,9 @@ from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from scipy.stats import multivariate_normal
 
 from pyro_vae.exact import GaussianMixture
+from pyro_vae.exact.mixture_svi import CategoricalGuide, TrainableGaussianMixture, fit, gradient_moments, init_params
 from pyro_vae.marginal import estimate_log_px
 
-
-def _load_experiment_module(name, *path):
-    """Import a module of experiments/ by its path (experiments/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "..", *path))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-mixture_svi = _load_experiment_module("mixture_svi", "experiments", "gaussian_mixture", "mixture_svi.py")
-CategoricalGuide, TrainableGaussianMixture = mixture_svi.CategoricalGuide, mixture_svi.TrainableGaussianMixture
-fit, gradient_moments, init_params = mixture_svi.fit, mixture_svi.gradient_moments, mixture_svi.init_params
 
 DTYPE = torch.float64
 

@@ -9,8 +9,7 @@
 Because c is discrete and finite, each expectation over it is a finite sum, so the evidence,
 the posterior and the ELBO of any categorical guide are computed exactly here. They are the
 ground truth against which SVI and the estimators of :mod:`pyro_vae.marginal` are checked (the
-worked example's trainable mixture, experiments/gaussian_mixture/mixture_svi.py, builds one from
-its parameters at each step).
+trainable mixture of :mod:`pyro_vae.exact.mixture_svi` builds one from its parameters at each step).
 
 Covariances are either ``"full"`` (Σ_c = L_c L_cᵀ, given by the Cholesky factor ``scale_tril``)
 or ``"diag"`` (Σ_c = diag(σ_c²), given by ``scales``).

@@ -1,13 +1,16 @@
-"""SVI for the Gaussian mixture of experiments/gaussian_mixture: a mixture with trainable π, μ_c, Σ_c,
-an amortized categorical guide q(c | x), their k-means++ initialization, the fitting loop and a
-gradient-moment helper.
+"""SVI for a Gaussian mixture: a mixture with trainable π, μ_c, Σ_c, an amortized categorical guide
+q(c | x), their k-means++ initialization, the fitting loop and a gradient-moment helper.
 
-The exact mixture, :class:`pyro_vae.exact.GaussianMixture`, is the library's: a reference model
-whose log p(x), posterior and ELBO the estimator tests check against. This module is the worked
-example's own, next to its one user (run.py): a trainable 2-D point mixture shares none of the
-interface of the library's models (an image likelihood, the trainer, the CLI, the run figures),
-so registering it as a model would add an interface for one study. tests/test_gaussian_mixture_svi.py
-tests it from the default suite.
+Two ways to fit the same model c ~ Categorical(π), x | c ~ N(μ_c, Σ_c) by SVI (:func:`fit`):
+
+    enumerate:  loss = −Σ_n log Σ_c p(x_n, c) = −log p(x)          (c summed out, exact gradient)
+    amortized:  loss = −Σ_n [log p(x_n, c_n) − log q(c_n|x_n)],  c_n ~ q(c|x_n)   (score function for φ)
+
+The exact mixture :class:`~pyro_vae.exact.gaussian_mixture.GaussianMixture` at the current
+parameters (:meth:`TrainableGaussianMixture.as_mixture`) gives log p(x), p(c|x) and the ELBO of
+any categorical guide exactly, so every step of either fit can be checked against the truth and
+against scikit-learn's EM from the same start (:func:`init_params`). The study that does so is
+``pyro-vae exact gaussian_mixture`` (:mod:`pyro_vae.studies.gaussian_mixture`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import pyro.distributions as dist
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 
-from pyro_vae.exact.gaussian_mixture import GaussianMixture, check_data
+from .gaussian_mixture import GaussianMixture, check_data
 
 __all__ = ["TrainableGaussianMixture", "CategoricalGuide", "FitResult", "init_params", "fit", "gradient_moments"]
 
@@ -111,6 +114,7 @@ class CategoricalGuide(torch.nn.Module):
         self._pyro_name = f"categorical_guide_{next(_instance_ids)}"
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """log q(c | x_n), shape (N, C)."""
         return self.net(x).log_softmax(-1)
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,6 +122,7 @@ class CategoricalGuide(torch.nn.Module):
         return self.logits(x).exp()
 
     def guide(self, x: torch.Tensor) -> None:
+        """The Pyro guide: c_n ~ q(c | x_n) in the plate ``"data"``; registers the network with Pyro."""
         pyro.module(self._pyro_name, self)
         with pyro.plate("data", x.shape[0]):
             pyro.sample("c", dist.Categorical(logits=self.logits(x)))
@@ -162,6 +167,10 @@ def _no_guide(x) -> None:
 
 @dataclass
 class FitResult:
+    """What :func:`fit` returns: the trained mixture and guide (None for ``"enumerate"``), the
+    training loss per data point at every step, (steps done, training seconds, exact mean log p(x))
+    every ``eval_every`` steps and at the last, and the training seconds (evaluations left out)."""
+
     mixture: TrainableGaussianMixture
     guide: CategoricalGuide | None
     losses: list = field(default_factory=list)        # training loss per data point, each step
@@ -172,7 +181,7 @@ class FitResult:
 def fit(x, num_components: int, method: str = "enumerate", covariance_type: str = "full", *,
         num_steps: int = 1000, lr: float = 0.05, final_lr: float | None = None, batch_size: int | None = None,
         init: dict | None = None, reg_covar: float = 1e-6, hidden_dim: int = 32, num_particles: int = 1,
-        eval_every: int = 10, seed: int = 0) -> FitResult:
+        eval_every: int = 10, seed: int = 0, progress: bool = False) -> FitResult:
     """Fit a Gaussian mixture by SVI (Adam on the negative ELBO, per data point).
 
     ``method="enumerate"``: the model's c is summed out (``config_enumerate`` + ``TraceEnum_ELBO``,
@@ -180,10 +189,23 @@ def fit(x, num_components: int, method: str = "enumerate", covariance_type: str 
     same optimum as EM. ``method="amortized"``: ``Trace_ELBO`` with the sampled guide
     :class:`CategoricalGuide`, maximizing log p(x) − KL(q(c|x) || p(c|x)) with score-function gradients.
 
+    :param x: data, shape (N, D).
+    :param num_components: C, at most N.
+    :param method: ``"enumerate"`` or ``"amortized"``.
+    :param covariance_type: ``"full"`` or ``"diag"`` (:class:`TrainableGaussianMixture`).
+    :param num_steps: Adam steps.
     :param lr, final_lr: Adam's step size decays geometrically from ``lr`` to ``final_lr`` (default lr).
     :param batch_size: minibatch size, or None for the full data each step.
+    :param init: the initial π, μ, Σ (default :func:`init_params` with ``seed``).
+    :param reg_covar: the covariance floor ε.
+    :param hidden_dim, num_particles: the amortized guide's hidden width and ELBO particles per step.
     :param eval_every: record the exact mean log p(x) of the current fit every this many steps.
+    :param seed: seeds Pyro's RNG (the guide's initialization and the sampled c).
+    :param progress: show a tqdm bar over the steps.
+    :returns: a :class:`FitResult`.
     """
+    from tqdm.auto import tqdm
+
     if method not in ("enumerate", "amortized"):
         raise ValueError(f"method must be 'enumerate' or 'amortized', got {method!r}")
     x = check_data(x)
@@ -202,7 +224,7 @@ def fit(x, num_components: int, method: str = "enumerate", covariance_type: str 
     decay = (final_lr / lr) ** (1 / max(num_steps, 1)) if final_lr else 1.0
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay)
     result = FitResult(mixture, guide)
-    for step in range(num_steps):
+    for step in tqdm(range(num_steps), desc=f"fit ({method})", disable=not progress, leave=False):
         start = time.perf_counter()
         batch = x if batch_size is None else x[torch.randint(len(x), (batch_size,))]
         optimizer.zero_grad()
