@@ -62,7 +62,10 @@ def test_the_command_writes_its_tables_figures_and_numbers(tmp_path):
     assert out.returncode == 0, out.stderr
     assert {p.name for p in (tmp_path / "lg").iterdir()} == {"results.md", "results.json", "gap_vs_k.png",
                                                               "gradients_vs_k.png"}
-    saved = json.loads((tmp_path / "lg" / "results.json").read_text())
+    def strict(constant):
+        raise AssertionError(f"results.json holds {constant}, which is not JSON")
+
+    saved = json.loads((tmp_path / "lg" / "results.json").read_text(), parse_constant=strict)
     assert saved["overrides"] == TINY and saved["config"]["bounds"]["num_points"] == 20
     r = saved["results"]
     assert [row["K"] for row in r["bounds"]] == [1, 10] and len(r["gradients"]) == 2 * 3

@@ -19,6 +19,7 @@ run by ``pyro-vae train -m +study=NAME`` (:mod:`pyro_vae.study`).
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from typing import Any, Dict, List, Sequence
 
@@ -64,6 +65,17 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     return cfg
 
 
+def _finite_or_null(obj):
+    """``obj`` with every NaN or infinite float made None, so results.json is strict JSON (null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
 def run_exact_study(name: str, overrides: Sequence[str] = (), out: str | None = None,
                     progress: bool = True) -> Dict[str, Any]:
     """Run study ``name`` with ``overrides`` and write its files into ``out`` (default
@@ -85,7 +97,7 @@ def run_exact_study(name: str, overrides: Sequence[str] = (), out: str | None = 
     title = module.__doc__.strip().splitlines()[0].rstrip(".")
     atomic_write_json(os.path.join(out, "results.json"),
                       {"study": name, "overrides": list(overrides), "config": cfg, "seconds": round(seconds, 1),
-                       "results": results})
+                       "results": _finite_or_null(results)})
     atomic_write_text(os.path.join(out, "results.md"),
                       f"# {title}\n\nWritten by `{command}` ({seconds:.0f} s, one process); every number "
                       f"below is in results.json beside this file.\n\n{body.strip()}\n")
