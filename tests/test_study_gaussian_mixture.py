@@ -42,9 +42,9 @@ def test_the_command_writes_its_tables_figures_and_numbers(tmp_path):
 
 @pytest.mark.parametrize("args, fragments", [
     (["fit.num_stepz=3"], ["no key 'fit.num_stepz'", "num_components, covariance_type"]),
-    (["fit.num_steps=0"], ["fit.num_steps", "positive integer", "got 0"]),
+    (["fit.num_steps=0"], ["fit.num_steps", "integer >= 1", "got 0"]),
     (["gradient_variance.num_draws=1"], ["gradient_variance.num_draws", ">= 2", "got 1"]),
-    (["gradient_variance.batch_sizes=[null,0]"], ["gradient_variance.batch_sizes", "positive integer", "got 0"]),
+    (["gradient_variance.batch_sizes=[null,0]"], ["gradient_variance.batch_sizes", "integer >= 1", "got 0"]),
     (["fit.covariance_type=spherical"], ["fit.covariance_type", "full or diag", "'spherical'"]),
     (["bounds.num_points=5000"], ["bounds.num_points", "at most data.num_points = 1000", "got 5000"]),
     (["fit.final_lr=-1"], ["fit.final_lr", "> 0", "got -1"]),

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import checks
 from ..exact import GaussianMixture
 from ..exact.mixture_svi import CategoricalGuide, TrainableGaussianMixture, fit, gradient_moments, init_params
 from ..figures import new_figure, save_figure
@@ -45,8 +46,9 @@ def check_config(cfg: Dict[str, Any]) -> None:
         raise ValueError(f"study gaussian_mixture: {key} must be {need}, got {value!r}")
 
     def positive_int(key, value, at_least=1):
-        if isinstance(value, bool) or not isinstance(value, int) or value < at_least:
-            fail(key, value, "a positive integer" if at_least == 1 else f"an integer >= {at_least}")
+        checks.positive_int(value, f"study gaussian_mixture: {key}", minimum=at_least)
+        if not isinstance(value, int):  # 3.0 passes the check; a count must be an int
+            fail(key, value, "an integer")
 
     def positive(key, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
