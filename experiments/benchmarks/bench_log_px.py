@@ -247,7 +247,7 @@ def main():
             rows.append((f"pythae get_nll (batch_size={batch_size})", len(subset), *out))
 
     ours_rate = n / statistics.median(ours_t)
-    print(f"\n| method | images timed | median s (min-max) | images/s | ours / method | mean log p(x), timed images |")
+    print("\n| method | images timed | median s (min-max) | images/s | ours / method | mean log p(x), timed images |")
     print("|---|---|---|---|---|---|")
     for name, images, times, value in rows:
         rate = images / statistics.median(times)
