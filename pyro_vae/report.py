@@ -157,12 +157,22 @@ def _label(run, keys) -> str:
     return ", ".join(f"{k}={run['config'].get(k)}" for k in keys) or "all runs"
 
 
+def _style(i: int) -> Dict[str, str]:
+    """The i-th variant's colour and line style: ten colours, then the next line style."""
+    return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]}
+
+
+def _legend(ax) -> None:
+    """The legend beside the axes, where it hides no curve (save_figure's tight box keeps it)."""
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
 def curves_figure(runs, keys, path) -> bool:
     """Each variant's validation selection score per epoch: the mean over seeds, ± one SE band."""
     fig = new_figure(figsize=(7, 4.2))
     ax = fig.subplots()
     drawn = False
-    for label in sorted({_label(r, keys) for r in runs}):
+    for i, label in enumerate(sorted({_label(r, keys) for r in runs})):
         group = [r for r in runs if _label(r, keys) == label and r["history"]]
         if not group:
             continue
@@ -173,14 +183,14 @@ def curves_figure(runs, keys, path) -> bool:
                  for e in epochs]
         mean = [m for m, _ in stats]
         se = [0.0 if math.isnan(s) else s for _, s in stats]
-        line, = ax.plot(epochs, mean, label=f"{label} ({metric})")
+        line, = ax.plot(epochs, mean, label=f"{label} ({metric})", **_style(i))
         ax.fill_between(epochs, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)],
                         color=line.get_color(), alpha=0.2)
         drawn = True
     ax.set(xlabel="epoch", ylabel="validation selection score (nats per image)",
            title="training curves: mean over seeds, ± 1 standard error")
     if drawn:
-        ax.legend(fontsize="small")
+        _legend(ax)
         save_figure(fig, path)
     return drawn
 
@@ -195,20 +205,20 @@ def log_px_vs_k_figure(runs, keys, path) -> bool:
     fig = new_figure(figsize=(6, 4))
     ax = fig.subplots()
     drawn = False
-    for label in sorted({_label(r, keys) for r in runs}):
+    for i, label in enumerate(sorted({_label(r, keys) for r in runs})):
         by_k = [_log_px_by_k(r) for r in runs if _label(r, keys) == label and _log_px_by_k(r)]
         if not by_k:
             continue
         ks = sorted({int(k) for b in by_k for k in b})
         stats = [_mean_se([b[str(k)]["mean"] for b in by_k if str(k) in b]) for k in ks]
         ax.errorbar(ks, [m for m, _ in stats], yerr=[0.0 if math.isnan(s) else s for _, s in stats], marker="o",
-                    capsize=3, label=label)
+                    capsize=3, label=label, **_style(i))
         drawn = True
     ax.set_xscale("log")
     ax.set(xlabel="number of samples K", ylabel="mean test log p̂_K(x) (nats)",
            title="log p(x) against K: mean over seeds, ± 1 SE over seeds")
     if drawn:
-        ax.legend(fontsize="small")
+        _legend(ax)
         save_figure(fig, path)
     return drawn
 
