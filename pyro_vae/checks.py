@@ -19,6 +19,17 @@ def positive_int(value, key: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def positive_number(value, key: str) -> float:
+    """``value`` as a float, or a one-line ``ValueError`` naming ``key`` and the bad value.
+
+    :param value: what the user gave (a bool or a string is refused; so are 0, negatives and NaN).
+    :param key: the config key or argument name, e.g. ``"fit.lr"``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"{key} must be a number > 0, got {value!r}")
+    return float(value)
+
+
 def config_section(cfg: Mapping[str, Any], name: str, keys) -> Dict[str, Any]:
     """The config section ``name`` as a dict; a key it does not take is a one-line ValueError."""
     section = dict(cfg[name])

@@ -34,26 +34,25 @@ from ..exact.mixture_svi import CategoricalGuide, TrainableGaussianMixture, fit,
 from ..marginal import estimate_log_px
 from .gaussian_mixture_figures import plot_bounds, plot_convergence, plot_fit
 
+
 def check_config(cfg: Dict[str, Any]) -> None:
-    """One-line ``ValueError`` for a value the study cannot use."""
+    """One-line ``ValueError`` for a value the study cannot use; counts given as 3.0 become 3."""
     def fail(key, value, need):
         raise ValueError(f"study gaussian_mixture: {key} must be {need}, got {value!r}")
 
-    def positive_int(key, value, at_least=1):
-        checks.positive_int(value, f"study gaussian_mixture: {key}", minimum=at_least)
-        if not isinstance(value, int):  # 3.0 passes the check; a count must be an int
-            fail(key, value, "an integer")
+    def count(section, key, minimum=1):
+        node = cfg if section is None else cfg[section]
+        node[key] = checks.positive_int(node[key], f"study gaussian_mixture: {section + '.' if section else ''}{key}",
+                                        minimum=minimum)
 
     def positive(key, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            fail(key, value, "a number > 0")
+        checks.positive_number(value, f"study gaussian_mixture: {key}")
 
     d, f = cfg["data"], cfg["fit"]
-    for key, value in (("threads", cfg["threads"]), ("data.num_points", d["num_points"]),
-                       *((f"fit.{k}", f[k]) for k in ("num_components", "num_steps", "hidden_dim", "eval_every")),
-                       ("bounds.num_points", cfg["bounds"]["num_points"]),
-                       ("bounds.num_samples", cfg["bounds"]["num_samples"])):
-        positive_int(key, value)
+    for section, key in ((None, "threads"), ("data", "num_points"), ("fit", "num_components"), ("fit", "num_steps"),
+                         ("fit", "hidden_dim"), ("fit", "eval_every"), ("bounds", "num_points"),
+                         ("bounds", "num_samples")):
+        count(section, key)
     if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int):
         fail("seed", cfg["seed"], "an integer")
     try:
@@ -77,12 +76,11 @@ def check_config(cfg: Dict[str, Any]) -> None:
     for tol in tols:
         positive("converged_within", tol)
     g = cfg["gradient_variance"]
-    positive_int("gradient_variance.num_draws", g["num_draws"], at_least=2)  # a variance needs two draws
+    count("gradient_variance", "num_draws", minimum=2)  # a variance needs two draws
     if not isinstance(g["batch_sizes"], list) or not g["batch_sizes"]:
         fail("gradient_variance.batch_sizes", g["batch_sizes"], "a list of batch sizes (null: full batch)")
-    for b in g["batch_sizes"]:
-        if b is not None:
-            positive_int("gradient_variance.batch_sizes", b)
+    key = "study gaussian_mixture: gradient_variance.batch_sizes"
+    g["batch_sizes"] = [b if b is None else checks.positive_int(b, key) for b in g["batch_sizes"]]
 
 
 @contextlib.contextmanager
@@ -160,11 +158,6 @@ def _markdown(df: pd.DataFrame, floatfmt) -> str:
     return df.astype(object).where(df.notna(), None).to_markdown(index=False, floatfmt=floatfmt, missingval="–")
 
 
-def _records(df: pd.DataFrame) -> list:
-    """``df``'s rows as dicts, a missing value as None (JSON null)."""
-    return df.astype(object).where(df.notna(), None).to_dict(orient="records")
-
-
 def run(cfg: Dict[str, Any], out: str, progress: bool = True):
     with _float64_and_threads(cfg["threads"]):
         return _run(cfg, out, progress)
@@ -227,7 +220,8 @@ def _run(cfg, out, progress):
 
     results = {"em": {"mean log p(x)": em_log_px, "iterations": int(em.n_iter_),
                       "true mean log p(x)": true.log_px(x).mean().item()},
-               "fits": _records(fits), "gradient_variance": _records(grads), "bounds": _records(bounds)}
+               "fits": fits.to_dict(orient="records"), "gradient_variance": grads.to_dict(orient="records"),
+               "bounds": bounds.to_dict(orient="records")}  # NaN: null in results.json (pyro_vae.studies)
     return results, _body(cfg, results, fits, grads, bounds)
 
 

@@ -29,7 +29,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from ..checks import positive_int
+from ..checks import positive_int, positive_number
 from ..exact.linear_gaussian import LinearGaussian, LinearGaussianGuide, gaussian_kl, log_weight_second_moment
 from ..figures import new_figure, save_figure
 from ..objectives import IWAE
@@ -39,9 +39,9 @@ def check_config(cfg: Dict[str, Any]) -> None:
     """A one-line ``ValueError`` for a value the study cannot use; integers given as 3.0 become 3."""
     for key in ("data_dim", "latent_dim"):
         cfg["model"][key] = positive_int(cfg["model"][key], f"model.{key}")
-    for key, value in (("model.sigma", cfg["model"]["sigma"]), ("guide.scale_factor", cfg["guide"]["scale_factor"])):
-        if not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"study linear_gaussian: {key} must be a number > 0, got {value!r}")
+    cfg["model"]["sigma"] = positive_number(cfg["model"]["sigma"], "study linear_gaussian: model.sigma")
+    cfg["guide"]["scale_factor"] = positive_number(cfg["guide"]["scale_factor"],
+                                                   "study linear_gaussian: guide.scale_factor")
     cfg["bounds"]["num_points"] = positive_int(cfg["bounds"]["num_points"], "bounds.num_points")
     cfg["bounds"]["repeats"] = positive_int(cfg["bounds"]["repeats"], "bounds.repeats")
     cfg["gradients"]["num_draws"] = positive_int(cfg["gradients"]["num_draws"],
